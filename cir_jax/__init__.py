@@ -1,0 +1,1 @@
+"""cir_jax: composed image retrieval in JAX/Flax."""

@@ -1,0 +1,1 @@
+"""Image encoders, text encoders, composers and the retrieval model."""
