@@ -1,0 +1,193 @@
+"""tf.data input pipelines that feed global, sharded jax.Arrays.
+
+Training order is a pure function of (seed, step): the example stream is the
+concatenation of per-epoch permutations, and step s takes positions
+[s*B, (s+1)*B) of it. Every process computes the same global batch indices and
+keeps its own contiguous slice, so
+
+* resuming at step s reproduces the uninterrupted run exactly (no iterator state);
+* N processes see exactly the batches one process would (the multi-host test).
+
+Images come either from an in-memory uint8 table (CSS; gathered, no decoding)
+or from files (real datasets; decoded and resized in parallel). Text is
+tokenised once per split, up front, in one vectorised call. Pixels stay uint8
+until they reach the device.
+"""
+from typing import Iterator, Optional
+
+import jax
+import numpy as np
+import tensorflow as tf
+
+from cir_jax import sharding
+from cir_jax.data.tables import RetrievalSplit
+from cir_jax.data.vocab import Vocabulary
+
+AUTOTUNE = tf.data.AUTOTUNE
+
+
+def encode_texts(split: RetrievalSplit, vocab: Vocabulary, max_len: int, log=print):
+  """Tokenises every query text of `split`: -> ids int32 [Q, L], mask bool [Q, L]."""
+  ids, mask, truncated = vocab.encode(split.texts, max_len)
+  empty = np.flatnonzero(mask.sum(1) == 0)
+  if empty.size:
+    raise ValueError(f"{split.name}: query {empty[0]} text {split.texts[empty[0]]!r} has no "
+                     f"words after tokenisation ({empty.size} such queries)")
+  if truncated:
+    log(f"{split.name}: {truncated} of {split.num_queries} texts longer than max_text_len="
+        f"{max_len} words were truncated")
+  return ids, mask
+
+
+class _ImageSource:
+  """Gathers (in-memory) or decodes (files) images by gallery index, inside tf.data."""
+
+  def __init__(self, images: Optional[np.ndarray], paths, image_size: int):
+    self.image_size = image_size
+    if images is not None:
+      # A variable, not a constant: large tables would overflow the 2 GB graph limit.
+      self.table = tf.Variable(images, trainable=False)
+      self.paths = None
+    else:
+      self.table = None
+      self.paths = tf.constant([str(p) for p in paths])
+
+  def load(self, index):
+    """int64 [n] indices -> uint8 [n, S, S, 3]."""
+    if self.table is not None:
+      return tf.gather(self.table, index)
+
+    def decode(i):
+      data = tf.io.read_file(self.paths[i])
+      image = tf.io.decode_image(data, channels=3, expand_animations=False)
+      image = tf.image.resize(image, [self.image_size, self.image_size], antialias=True)
+      return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+
+    return tf.map_fn(decode, index, fn_output_signature=tf.TensorSpec(
+        [self.image_size, self.image_size, 3], tf.uint8), parallel_iterations=16)
+
+
+def _options():
+  options = tf.data.Options()
+  options.deterministic = True
+  options.threading.private_threadpool_size = 0
+  return options
+
+
+def _process_slice(global_indices, local_batch):
+  start = jax.process_index() * local_batch
+  return global_indices[start:start + local_batch]
+
+
+def epoch_permutation(seed: int, epoch, size: int):
+  """Deterministic permutation of range(size) for `epoch` (tf; same on every process)."""
+  noise = tf.random.stateless_uniform([size], seed=tf.stack([tf.cast(seed, tf.int64),
+                                                             tf.cast(epoch, tf.int64)]))
+  return tf.argsort(noise, stable=True)
+
+
+class TrainPipeline:
+  """Yields training batches: dict of global arrays 'ref_image', 'target_image',
+  'text_ids', 'text_mask' (leading dim = global batch, sharded over 'data')."""
+
+  def __init__(self, split: RetrievalSplit, vocab: Vocabulary, max_len: int, global_batch: int,
+               mesh, seed: int, image_size: int, log=print):
+    self.split = split.validate()
+    self.mesh = mesh
+    self.global_batch = global_batch
+    self.local_batch = sharding.local_batch_size(global_batch, mesh)
+    self.seed = seed
+    ids, mask = encode_texts(split, vocab, max_len, log)
+    self.text_ids, self.text_mask = tf.constant(ids), tf.constant(mask)
+    self.ref_index = tf.constant(np.asarray(split.ref_index, np.int64))
+    self.target_index = tf.constant(np.asarray(split.target_index, np.int64))
+    if (np.asarray(split.ref_index) < 0).any() or (np.asarray(split.target_index) < 0).any():
+      raise ValueError(f"{split.name}: training queries need a reference and a target image")
+    self.targets = _ImageSource(split.images, split.image_paths, image_size)
+    self.refs = (self.targets if split.query_images is None
+                 else _ImageSource(split.query_images, None, image_size))
+
+  def step_indices(self, step):
+    """Query indices of global batch `step` (all processes), int64 [B]."""
+    n, b = self.split.num_queries, self.global_batch
+    positions = tf.cast(step, tf.int64) * b + tf.range(b, dtype=tf.int64)
+    epochs, offsets = positions // n, positions % n
+    first = epochs[0]
+    perms = tf.stack([epoch_permutation(self.seed, first, n),
+                      epoch_permutation(self.seed, first + 1, n)])
+    # A batch spans at most two epochs as long as B <= n.
+    return tf.cast(tf.gather_nd(perms, tf.stack([epochs - first, offsets], axis=1)), tf.int64)
+
+  def dataset(self, start_step: int) -> tf.data.Dataset:
+    if self.global_batch > self.split.num_queries:
+      raise ValueError(f"batch_size={self.global_batch} exceeds the {self.split.num_queries} "
+                       f"training queries of {self.split.name}")
+
+    def load(step):
+      q = _process_slice(self.step_indices(step), self.local_batch)
+      return {
+          "ref_image": self.refs.load(tf.gather(self.ref_index, q)),
+          "target_image": self.targets.load(tf.gather(self.target_index, q)),
+          "text_ids": tf.gather(self.text_ids, q),
+          "text_mask": tf.gather(self.text_mask, q),
+      }
+
+    ds = tf.data.Dataset.range(start_step, np.iinfo(np.int64).max)
+    return ds.map(load, num_parallel_calls=AUTOTUNE).prefetch(4).with_options(_options())
+
+  def batches(self, start_step: int = 0) -> Iterator[dict]:
+    for local in self.dataset(start_step).as_numpy_iterator():
+      yield sharding.to_global(local, self.mesh)
+
+
+def _padded_batches(num_items: int, global_batch: int, local_batch: int):
+  """Index and validity arrays per eval step, padded so every process runs the same steps."""
+  steps = max(1, -(-num_items // global_batch))
+  padded = np.arange(steps * global_batch)
+  valid = padded < num_items
+  padded = np.where(valid, padded, 0)
+  for s in range(steps):
+    window = slice(s * global_batch, (s + 1) * global_batch)
+    yield (_process_slice(padded[window], local_batch), _process_slice(valid[window], local_batch))
+
+
+class EvalPipeline:
+  """Query and gallery batches of one split for evaluation, each with a 'valid' mask."""
+
+  def __init__(self, split: RetrievalSplit, vocab: Vocabulary, max_len: int, global_batch: int,
+               mesh, image_size: int, max_queries: int = 0, log=print):
+    self.split = split.validate()
+    self.mesh = mesh
+    self.global_batch = global_batch
+    self.local_batch = sharding.local_batch_size(global_batch, mesh, "eval.batch_size")
+    self.num_queries = (min(max_queries, split.num_queries) if max_queries
+                        else split.num_queries)
+    self.text_ids, self.text_mask = encode_texts(split, vocab, max_len, log)
+    self.gallery_source = _ImageSource(split.images, split.image_paths, image_size)
+    self.query_source = (self.gallery_source if split.query_images is None
+                         else _ImageSource(split.query_images, None, image_size))
+
+  def _batches(self, num_items, make):
+    for index, valid in _padded_batches(num_items, self.global_batch, self.local_batch):
+      local = make(tf.constant(index, tf.int64))
+      local["valid"] = valid
+      yield sharding.to_global({k: np.asarray(v) for k, v in local.items()}, self.mesh)
+
+  def gallery_batches(self) -> Iterator[dict]:
+    """dict 'image' uint8 [B, S, S, 3], 'valid' bool [B]."""
+    return self._batches(self.split.num_images,
+                         lambda i: {"image": self.gallery_source.load(i)})
+
+  def query_batches(self) -> Iterator[dict]:
+    """dict 'ref_image', 'text_ids', 'text_mask', 'valid'."""
+    ref = np.maximum(np.asarray(self.split.ref_index), 0)
+
+    def make(i):
+      return {"ref_image": self.query_source.load(tf.gather(ref, i)),
+              "text_ids": tf.gather(self.text_ids, i),
+              "text_mask": tf.gather(self.text_mask, i)}
+
+    return self._batches(self.num_queries, make)
+
+  def num_steps(self, num_items):
+    return max(1, -(-num_items // self.global_batch))

@@ -1,0 +1,134 @@
+"""Gallery evaluation (Recall@K on device) and its command line.
+
+  python -m cir_jax.evaluate --config configs/tirg_css.py --workdir runs/css
+
+restores the newest checkpoint of the workdir and evaluates `config.data.eval_split`.
+Embeddings are computed batch by batch on device and concatenated there; the
+gallery stays sharded; recall is computed on device and only scalars (and top
+ids when asked) reach the host.
+"""
+import json
+import pathlib
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cir_jax import retrieval
+from cir_jax import sharding
+from cir_jax.data import pipeline
+from cir_jax.data import registry
+
+
+class Evaluator:
+  """Embeds one split's queries and gallery with a model and scores them."""
+
+  def __init__(self, config, model, vocab, mesh, split: Optional[str] = None, log=print):
+    self.config, self.mesh, self.log = config, mesh, log
+    self.split = registry.load_split(config.data, split or config.data.eval_split, log=log)
+    self.data = pipeline.EvalPipeline(self.split, vocab, config.data.max_text_len,
+                                      config.eval.batch_size, mesh, config.data.image_size,
+                                      max_queries=config.data.eval_max_queries, log=log)
+    out = sharding.batch_sharding(mesh)
+    self._encode_target = jax.jit(
+        lambda v, images: model.apply(v, images, train=False, method=model.encode_target),
+        out_shardings=out)
+    self._encode_query = jax.jit(
+        lambda v, b: model.apply(v, b["ref_image"], b["text_ids"], b["text_mask"], train=False,
+                                 method=model.encode_query)[0],
+        out_shardings=out)
+
+  def embed_gallery(self, variables) -> jax.Array:
+    """[G_padded, d] sharded gallery embeddings (rows past G are padding)."""
+    parts = [self._encode_target(variables, b["image"]) for b in self.data.gallery_batches()]
+    return jnp.concatenate(parts)
+
+  def embed_queries(self, variables) -> jax.Array:
+    """[Q_padded, d] query embeddings (rows past the evaluated queries are padding)."""
+    parts = [self._encode_query(variables, b) for b in self.data.query_batches()]
+    return jnp.concatenate(parts)
+
+  def evaluate(self, variables, return_topk: int = 0) -> dict[str, Any]:
+    """Returns {'split', 'num_queries', 'num_gallery', 'metrics': {'R@K': percent}}."""
+    split, n_q = self.split, self.data.num_queries
+    gallery = self.embed_gallery(variables)
+    queries = self.embed_queries(variables)
+    g_pad, q_pad = gallery.shape[0], queries.shape[0]
+
+    def pad(values, size, fill):
+      out = np.full(size, fill, np.int64)
+      out[:len(values)] = values
+      return out
+
+    kwargs = {}
+    if split.candidates is not None:
+      cand = np.full((q_pad, split.candidates.shape[1]), -1, np.int64)
+      cand[:n_q] = split.candidates[:n_q]
+      kwargs = dict(subset_candidates=cand, subset_target=pad(split.target_index[:n_q], q_pad, 0))
+    result = retrieval.evaluate_retrieval(
+        queries, gallery,
+        gallery_labels=pad(split.image_labels, g_pad, -1),
+        target_labels=pad(split.target_label[:n_q], q_pad, -2),
+        exclude_index=pad(split.ref_index[:n_q], q_pad, -1),
+        ks=tuple(self.config.eval.ks), mesh=self.mesh, return_topk=return_topk,
+        query_valid=np.arange(q_pad) < n_q, gallery_valid=np.arange(g_pad) < split.num_images,
+        block_size=self.config.eval.block_size, **kwargs)
+    metrics, top = result if return_topk else (result, None)
+    out = {"split": split.name, "num_queries": int(n_q), "num_gallery": int(split.num_images),
+           "protocol": "reference image excluded; hit = gallery image with the target's label",
+           "metrics": metrics}
+    if top is not None:
+      out["topk"] = top[:n_q]
+    return out
+
+
+def format_table(results: dict) -> str:
+  """A one-row Markdown table of the recall metrics."""
+  names = list(results["metrics"])
+  header = "| split | queries | gallery | " + " | ".join(names) + " |"
+  rule = "|" + "---|" * (3 + len(names))
+  row = (f"| {results['split']} | {results['num_queries']} | {results['num_gallery']} | "
+         + " | ".join(f"{results['metrics'][n]:.2f}" for n in names) + " |")
+  return "\n".join([header, rule, row])
+
+
+def write_results(workdir, results: dict):
+  """Writes `<workdir>/results.json` (process 0)."""
+  if jax.process_index() != 0:
+    return
+  serialisable = {k: v for k, v in results.items() if k != "topk"}
+  path = pathlib.Path(workdir) / "results.json"
+  path.write_text(json.dumps(serialisable, indent=2, sort_keys=True))
+
+
+def evaluate_workdir(config, workdir) -> dict:
+  """Restores the newest checkpoint of `workdir` and evaluates it."""
+  from cir_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from cir_jax import train  # pylint: disable=g-import-not-at-top
+  from cir_jax.utils import logging as log_lib  # pylint: disable=g-import-not-at-top
+  log = log_lib.Logger(workdir)
+  mesh, vocab, model, _, _, state = train.setup(config, workdir, log)
+  manager = checkpoint.make_manager(workdir, config.keep_checkpoints)
+  state, step = checkpoint.restore_latest(manager, state)
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint in {manager.directory}; train first")
+  evaluator = Evaluator(config, model, vocab, mesh, log=log)
+  results = evaluator.evaluate({"params": state.params, "batch_stats": state.batch_stats})
+  results["step"] = step
+  log(format_table(results))
+  write_results(workdir, results)
+  return results
+
+
+def main(argv):
+  del argv
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  evaluate_workdir(flags.FLAGS.config, flags.FLAGS.workdir)
+
+
+if __name__ == "__main__":
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from cir_jax.utils import flags as flags_lib  # pylint: disable=g-import-not-at-top
+  flags_lib.define_flags()
+  app.run(main)

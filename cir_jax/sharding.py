@@ -1,0 +1,43 @@
+"""One data-parallel mesh and the shardings the trainer and evaluator use.
+
+The mesh has a single axis 'data' over every device of every process, ordered
+by process so that process p holds the p-th contiguous slice of each global
+batch (which is what the input pipeline feeds it).
+"""
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DATA_AXIS = "data"
+
+
+def make_mesh(devices=None) -> Mesh:
+  """A 1-D mesh over `devices` (default: all), axis 'data'."""
+  devices = devices if devices is not None else jax.devices()
+  devices = sorted(devices, key=lambda d: (d.process_index, d.id))
+  return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) axis split over 'data'."""
+  return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def local_batch_size(global_batch: int, mesh: Mesh, what: str = "batch_size") -> int:
+  """This process's share of a global batch; raises if it does not divide evenly."""
+  devices, processes = mesh.size, jax.process_count()
+  if global_batch <= 0 or global_batch % devices:
+    raise ValueError(f"{what}={global_batch} must be a positive multiple of the number of "
+                     f"devices ({devices} devices over {processes} process(es))")
+  return global_batch // processes
+
+
+def to_global(local: dict, mesh: Mesh) -> dict:
+  """Process-local numpy arrays (leading axis = local batch) -> global sharded jax.Arrays."""
+  sharding = batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in local.items()}

@@ -1,0 +1,100 @@
+"""Process-0 logging: a text log, TensorBoard scalars, and a progress line with ETA."""
+import datetime
+import json
+import pathlib
+import sys
+import time
+
+import jax
+import numpy as np
+
+
+class Logger:
+  """Prints on process 0 and appends to `<workdir>/log.txt`."""
+
+  def __init__(self, workdir=None, stream=sys.stdout):
+    self.path = pathlib.Path(workdir) / "log.txt" if workdir else None
+    self.stream = stream
+
+  def __call__(self, message: str):
+    if jax.process_index() != 0:
+      return
+    stamp = datetime.datetime.now().strftime("%H:%M:%S")
+    print(f"[{stamp}] {message}", file=self.stream, flush=True)
+    if self.path is not None:
+      with self.path.open("a") as f:
+        f.write(f"[{stamp}] {message}\n")
+
+
+class SummaryWriter:
+  """TensorBoard scalars under `<workdir>/tensorboard` and JSON lines in
+  `<workdir>/metrics.jsonl`, written by process 0 only."""
+
+  def __init__(self, workdir):
+    self.writer = None
+    self.jsonl = pathlib.Path(workdir) / "metrics.jsonl"
+    if jax.process_index() == 0:
+      import tensorflow as tf  # pylint: disable=g-import-not-at-top
+      self.writer = tf.summary.create_file_writer(str(pathlib.Path(workdir) / "tensorboard"))
+
+  def scalars(self, step: int, values: dict):
+    if self.writer is None:
+      return
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    scalars = {}
+    for name, value in values.items():
+      value = np.asarray(value)
+      if value.ndim == 0 and np.issubdtype(value.dtype, np.number):
+        scalars[name] = float(value)
+    with self.writer.as_default(step=step):
+      for name, value in scalars.items():
+        tf.summary.scalar(name, value)
+    self.writer.flush()
+    with self.jsonl.open("a") as f:
+      f.write(json.dumps({"step": step, **scalars}) + "\n")
+
+  def close(self):
+    if self.writer is not None:
+      self.writer.close()
+
+
+def _duration(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class Progress:
+  """Steps/s, examples/s and ETA over the steps since the last update.
+
+  The first update after (re)start includes compilation and is reported apart.
+  """
+
+  def __init__(self, total_steps: int, start_step: int, batch_size: int, what: str = "step"):
+    self.total, self.batch_size, self.what = total_steps, batch_size, what
+    self.last_step, self.last_time = start_step, time.perf_counter()
+    self.start_time = self.last_time
+    self.rate = None
+
+  def update(self, step: int) -> dict:
+    now = time.perf_counter()
+    steps, elapsed = step - self.last_step, now - self.last_time
+    first = self.rate is None
+    self.rate = steps / elapsed if elapsed > 0 else 0.0
+    self.last_step, self.last_time = step, now
+    out = {"perf/steps_per_sec": self.rate, "perf/examples_per_sec": self.rate * self.batch_size}
+    if first:
+      out = {"perf/first_steps_sec": elapsed}
+    return out
+
+  def line(self, step: int, metrics: dict) -> str:
+    parts = [f"{self.what} {step}/{self.total}"]
+    for key in ("loss", "batch_R@1", "batch_R@10"):
+      if key in metrics:
+        parts.append(f"{key} {float(metrics[key]):.4g}")
+    if "perf/steps_per_sec" in metrics and self.rate:
+      parts.append(f"{self.rate:.2f} {self.what}s/s ({self.rate * self.batch_size:.0f} ex/s)")
+      parts.append(f"ETA {_duration((self.total - step) / self.rate)}")
+    elif "perf/first_steps_sec" in metrics:
+      parts.append(f"first step(s) incl. compile {metrics['perf/first_steps_sec']:.1f}s")
+    parts.append(f"elapsed {_duration(time.perf_counter() - self.start_time)}")
+    return " | ".join(parts)

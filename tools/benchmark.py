@@ -1,0 +1,124 @@
+"""Throughput benchmark of the train step (and the machine's peak) on the current backend.
+
+  python tools/benchmark.py                          # TIRG, ResNet-18, batch 32, 64 and 224 px
+  python tools/benchmark.py --sizes 64 --composer concat --image_encoder resnet_small
+  python tools/benchmark.py --negatives local,global --devices 8   # (with 8 fake CPU devices)
+
+Prints, per setting: examples/s and step time (median of timed steps), compile
+time (separately), XLA-reported FLOPs per step and the fraction of the measured
+peak matmul FLOP/s they reach, the compiled temp memory and the process peak RSS.
+Timing only here, never in tests.
+"""
+import argparse
+import os
+import resource
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import jax  # pylint: disable=g-import-not-at-top
+import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+from cir_jax import optim  # pylint: disable=g-import-not-at-top
+from cir_jax import sharding  # pylint: disable=g-import-not-at-top
+from cir_jax import train  # pylint: disable=g-import-not-at-top
+from cir_jax import train_state  # pylint: disable=g-import-not-at-top
+from cir_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+from cir_jax.data import random_data  # pylint: disable=g-import-not-at-top
+from cir_jax.data.vocab import Vocabulary  # pylint: disable=g-import-not-at-top
+from cir_jax.models import build  # pylint: disable=g-import-not-at-top
+from configs import common  # pylint: disable=g-import-not-at-top
+
+
+def measure_peak_flops(n=2048, repeats=10, dtype=jnp.float32) -> float:
+  """Best-of-`repeats` FLOP/s of an n x n x n matmul on the default device."""
+  a = jnp.ones((n, n), dtype)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    t = time.perf_counter()
+    f(a).block_until_ready()
+    best = min(best, time.perf_counter() - t)
+  return 2 * n**3 / best
+
+
+def max_rss_mb() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def bench_train_step(args, image_size: int, negatives: str, peak: float) -> dict:
+  config = common.base_config()
+  config.model.composer = args.composer
+  config.model.image_encoder = args.image_encoder
+  config.model.dtype = args.dtype
+  config.loss.negatives = negatives
+  config.batch_size = args.batch
+  mesh = sharding.make_mesh(jax.devices()[:args.devices] if args.devices else None)
+  split = random_data.random_split(num_images=4 * args.batch, num_queries=8 * args.batch,
+                                   image_size=image_size)
+  vocab = Vocabulary.build(split.texts)
+  data = pipeline.TrainPipeline(split, vocab, 8, args.batch, mesh, 0, image_size)
+  model = build.build_model(config.model, len(vocab))
+  tx = optim.make_optimizer(config.optimizer)
+  batches = data.batches(0)
+  batch = next(batches)
+  example = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
+  state = train_state.create_train_state(model, tx, example, 0, mesh)
+  step = train.make_train_step(model, tx, config.loss, mesh)
+  t = time.perf_counter()
+  compiled = step.lower(state, batch).compile()
+  compile_s = time.perf_counter() - t
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = float(cost.get("flops", float("nan")))
+  memory = compiled.memory_analysis()
+  temp_mb = getattr(memory, "temp_size_in_bytes", 0) / 2**20
+  for _ in range(args.warmup):
+    state, metrics = compiled(state, next(batches))
+  jax.block_until_ready(metrics)
+  times = []
+  for _ in range(args.steps):
+    b = next(batches)
+    t = time.perf_counter()
+    state, metrics = compiled(state, b)
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - t)
+  step_s = statistics.median(times)
+  return {"setting": f"{args.composer}/{args.image_encoder} {image_size}px b{args.batch} "
+                     f"{args.dtype} {negatives} x{mesh.size}dev",
+          "examples/s": args.batch / step_s, "step ms": 1e3 * step_s, "compile s": compile_s,
+          "GFLOP/step": flops / 1e9, "% of peak": 100 * flops / step_s / peak,
+          "temp MB": temp_mb, "max RSS MB": max_rss_mb()}
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--sizes", default="64,224", help="image sizes, comma separated")
+  parser.add_argument("--composer", default="tirg")
+  parser.add_argument("--image_encoder", default="resnet18")
+  parser.add_argument("--dtype", default="float32")
+  parser.add_argument("--batch", type=int, default=32)
+  parser.add_argument("--steps", type=int, default=10)
+  parser.add_argument("--warmup", type=int, default=2)
+  parser.add_argument("--devices", type=int, default=0, help="0 = all")
+  parser.add_argument("--negatives", default="global", help="global,local to compare")
+  args = parser.parse_args()
+  print(f"backend {jax.default_backend()}, {jax.device_count()} device(s), "
+        f"{os.cpu_count()} CPU cores")
+  peak = measure_peak_flops()
+  print(f"measured peak: {peak / 1e9:.1f} GFLOP/s (float32 2048^3 matmul, best of 10)")
+  rows = [bench_train_step(args, int(size), neg, peak)
+          for size in args.sizes.split(",") for neg in args.negatives.split(",")]
+  keys = list(rows[0])
+  print("| " + " | ".join(keys) + " |")
+  print("|" + "---|" * len(keys))
+  for r in rows:
+    print("| " + " | ".join(f"{r[k]:.3g}" if isinstance(r[k], float) else str(r[k])
+                            for k in keys) + " |")
+
+
+if __name__ == "__main__":
+  main()
