@@ -49,11 +49,12 @@ def max_rss_mb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def bench_train_step(args, image_size: int, negatives: str, peak: float) -> dict:
+def bench_train_step(args, image_size: int, negatives: str, conv_impl: str, peak: float) -> dict:
   config = common.base_config()
   config.model.composer = args.composer
   config.model.image_encoder = args.image_encoder
   config.model.dtype = args.dtype
+  config.model.conv_impl = conv_impl
   config.loss.negatives = negatives
   config.batch_size = args.batch
   mesh = sharding.make_mesh(jax.devices()[:args.devices] if args.devices else None)
@@ -88,7 +89,7 @@ def bench_train_step(args, image_size: int, negatives: str, peak: float) -> dict
     times.append(time.perf_counter() - t)
   step_s = statistics.median(times)
   return {"setting": f"{args.composer}/{args.image_encoder} {image_size}px b{args.batch} "
-                     f"{args.dtype} {negatives} x{mesh.size}dev",
+                     f"{args.dtype} {negatives} conv={conv_impl} x{mesh.size}dev",
           "examples/s": args.batch / step_s, "step ms": 1e3 * step_s, "compile s": compile_s,
           "GFLOP/step": flops / 1e9, "% of peak": 100 * flops / step_s / peak,
           "temp MB": temp_mb, "max RSS MB": max_rss_mb()}
@@ -105,13 +106,16 @@ def main():
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--devices", type=int, default=0, help="0 = all")
   parser.add_argument("--negatives", default="global", help="global,local to compare")
+  parser.add_argument("--conv_impl", default="xla,matmul",
+                      help="ResNet conv lowerings to compare (see cir_jax/models/conv.py)")
   args = parser.parse_args()
   print(f"backend {jax.default_backend()}, {jax.device_count()} device(s), "
         f"{os.cpu_count()} CPU cores")
   peak = measure_peak_flops()
   print(f"measured peak: {peak / 1e9:.1f} GFLOP/s (float32 2048^3 matmul, best of 10)")
-  rows = [bench_train_step(args, int(size), neg, peak)
-          for size in args.sizes.split(",") for neg in args.negatives.split(",")]
+  rows = [bench_train_step(args, int(size), neg, impl, peak)
+          for size in args.sizes.split(",") for neg in args.negatives.split(",")
+          for impl in args.conv_impl.split(",")]
   keys = list(rows[0])
   print("| " + " | ".join(keys) + " |")
   print("|" + "---|" * len(keys))

@@ -10,6 +10,8 @@ from typing import Any, Callable, Optional, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from cir_jax.models import conv as conv_lib
+
 ModuleDef = Any
 
 
@@ -19,10 +21,12 @@ class BasicBlock(nn.Module):
   strides: int = 1
   norm: ModuleDef = nn.BatchNorm
   dtype: Any = jnp.float32
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x):
-    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype)
+    conv = functools.partial(conv_lib.Conv, use_bias=False, dtype=self.dtype,
+                             conv_impl=self.conv_impl)
     residual = x
     y = conv(self.filters, (3, 3), (self.strides, self.strides), padding=((1, 1), (1, 1)))(x)
     y = nn.relu(self.norm()(y))
@@ -42,10 +46,13 @@ class ResNet(nn.Module):
     stage_sizes: blocks per stage, e.g. (2, 2, 2, 2) for ResNet-18.
     num_filters: channels of the first stage (doubled at each later stage).
     dtype: compute dtype (params stay float32).
+    conv_impl: 'auto' | 'xla' | 'matmul' (see cir_jax/models/conv.py; 'auto' lowers
+      convolutions to matmuls on CPU, where XLA's native convolutions are slow).
   """
   stage_sizes: Sequence[int]
   num_filters: int = 64
   dtype: Any = jnp.float32
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, images, train: bool = False,
@@ -64,15 +71,16 @@ class ResNet(nn.Module):
     norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
                              epsilon=1e-5, dtype=self.dtype)
     x = images.astype(self.dtype)
-    x = nn.Conv(self.num_filters, (7, 7), (2, 2), padding=((3, 3), (3, 3)), use_bias=False,
-                dtype=self.dtype, name="stem_conv")(x)
+    x = conv_lib.Conv(self.num_filters, (7, 7), (2, 2), padding=((3, 3), (3, 3)), use_bias=False,
+                      dtype=self.dtype, conv_impl=self.conv_impl, name="stem_conv")(x)
     x = nn.relu(norm(name="stem_norm")(x))
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     for stage, num_blocks in enumerate(self.stage_sizes):
       for block in range(num_blocks):
         strides = 2 if stage > 0 and block == 0 else 1
         x = BasicBlock(self.num_filters * 2**stage, strides=strides, norm=norm,
-                       dtype=self.dtype, name=f"stage{stage}_block{block}")(x)
+                       dtype=self.dtype, conv_impl=self.conv_impl,
+                       name=f"stage{stage}_block{block}")(x)
       if modulate is not None:
         x = modulate(stage, x)
     feature_map = x.astype(jnp.float32)

@@ -1,0 +1,43 @@
+"""The im2col-matmul convolution equals XLA's native convolution, forward and backward."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cir_jax.models import conv
+from cir_jax.models import resnet
+
+
+@pytest.mark.parametrize("kernel,strides,padding", [
+    ((3, 3), (1, 1), ((1, 1), (1, 1))), ((3, 3), (2, 2), ((1, 1), (1, 1))),
+    ((7, 7), (2, 2), ((3, 3), (3, 3))), ((1, 1), (2, 2), ((0, 0), (0, 0))),
+    ((3, 3), (1, 1), "SAME"), ((2, 3), (1, 2), "VALID"),
+])
+def test_matmul_lowering_equals_native(kernel, strides, padding):
+  x = jax.random.normal(jax.random.key(0), (2, 13, 11, 5))
+  layers = {impl: conv.Conv(4, kernel, strides, padding, conv_impl=impl) for impl in ("xla", "matmul")}
+  params = layers["xla"].init(jax.random.key(1), x)
+
+  def out_and_grad(impl):
+    f = lambda p, x: jnp.sum(jnp.sin(layers[impl].apply(p, x)))
+    return layers[impl].apply(params, x), jax.grad(f, argnums=(0, 1))(params, x)
+
+  (y_ref, g_ref), (y, g) = out_and_grad("xla"), out_and_grad("matmul")
+  np.testing.assert_allclose(y, y_ref, atol=2e-5)
+  for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
+    np.testing.assert_allclose(a, b, atol=5e-5)
+
+
+def test_resnet_params_are_shared_between_lowerings():
+  x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+  native, matmul = resnet.ResNetTiny(conv_impl="xla"), resnet.ResNetTiny(conv_impl="matmul")
+  variables = native.init(jax.random.key(1), x)
+  assert jax.tree.structure(variables) == jax.tree.structure(matmul.init(jax.random.key(1), x))
+  np.testing.assert_allclose(matmul.apply(variables, x)["pooled"], native.apply(variables, x)["pooled"],
+                             atol=1e-4)
+
+
+def test_auto_and_unknown_impl():
+  assert conv.resolve_conv_impl("auto") == ("matmul" if jax.default_backend() == "cpu" else "xla")
+  with pytest.raises(ValueError, match="unknown conv_impl 'fft'; valid: \\['auto', 'xla', 'matmul'\\]"):
+    conv.resolve_conv_impl("fft")
