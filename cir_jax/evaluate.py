@@ -19,14 +19,25 @@ from cir_jax import retrieval
 from cir_jax import sharding
 from cir_jax.data import pipeline
 from cir_jax.data import registry
+from cir_jax.utils import logging as log_lib
+
+# Progress lines per pass over a gallery or the queries (only for passes of at
+# least this many batches: small evaluations stay quiet).
+PROGRESS_LINES = 5
+
+
+GALLERY_VARIANTS = ("exclude_ref", "include_ref")
 
 
 class Evaluator:
   """Embeds one split's queries and gallery with a model and scores them."""
 
-  def __init__(self, config, model, vocab, mesh, split: Optional[str] = None, log=print):
+  def __init__(self, config, model, vocab, mesh, split: Optional[str] = None, log=print,
+               retrieval_split=None):
+    """`retrieval_split` (a RetrievalSplit) replaces loading `split` from the registry."""
     self.config, self.mesh, self.log = config, mesh, log
-    self.split = registry.load_split(config.data, split or config.data.eval_split, log=log)
+    self.split = (retrieval_split if retrieval_split is not None else
+                  registry.load_split(config.data, split or config.data.eval_split, log=log))
     self.data = pipeline.EvalPipeline(self.split, vocab, config.data.max_text_len,
                                       config.eval.batch_size, mesh, config.data.image_size,
                                       max_queries=config.data.eval_max_queries, log=log)
@@ -39,18 +50,43 @@ class Evaluator:
                                  method=model.encode_query)[0],
         out_shardings=out)
 
+  def _progress(self, batches, num_items: int, what: str):
+    """Yields `batches`, logging '<what> batch i/n ... ETA' PROGRESS_LINES times.
+
+    Steps are dispatched asynchronously, so the rate is that of input + dispatch;
+    on long passes it converges to the true rate because the device queue is bounded.
+    """
+    total = self.data.num_steps(num_items)
+    every = max(1, total // PROGRESS_LINES)
+    progress = log_lib.Progress(total, 0, self.data.global_batch, what=f"{what} batch")
+    for i, batch in enumerate(batches, start=1):
+      yield batch
+      if total >= PROGRESS_LINES and (i % every == 0 or i == total):
+        self.log(progress.line(i, progress.update(i)))
+
   def embed_gallery(self, variables) -> jax.Array:
     """[G_padded, d] sharded gallery embeddings (rows past G are padding)."""
-    parts = [self._encode_target(variables, b["image"]) for b in self.data.gallery_batches()]
+    batches = self._progress(self.data.gallery_batches(), self.split.num_images, "gallery")
+    parts = [self._encode_target(variables, b["image"]) for b in batches]
     return jnp.concatenate(parts)
 
   def embed_queries(self, variables) -> jax.Array:
     """[Q_padded, d] query embeddings (rows past the evaluated queries are padding)."""
-    parts = [self._encode_query(variables, b) for b in self.data.query_batches()]
+    batches = self._progress(self.data.query_batches(), self.data.num_queries, "query")
+    parts = [self._encode_query(variables, b) for b in batches]
     return jnp.concatenate(parts)
 
   def evaluate(self, variables, return_topk: int = 0) -> dict[str, Any]:
-    """Returns {'split', 'num_queries', 'num_gallery', 'metrics': {'R@K': percent}}."""
+    """Returns {'split', 'num_queries', 'num_gallery', 'protocol', 'skipped', 'metrics'}.
+
+    `metrics` holds 'R@K' (percent) for the first of `config.eval.gallery_variants`
+    ('exclude_ref': the reference is removed from its own ranking; 'include_ref':
+    it stays), '<variant>/R@K' for the others, 'R_subset@K' and CIRR's headline
+    '(R@5+R_subset@1)/2' when the split has subset candidates. A split without
+    targets (CIRR test1, FashionIQ test) has no recall: `metrics` is empty and
+    'topk' holds the first max(return_topk, 50) ids (reference excluded) for a
+    submission file. With return_topk > 0, 'topk' is [Q, return_topk] gallery ids.
+    """
     split, n_q = self.split, self.data.num_queries
     gallery = self.embed_gallery(variables)
     queries = self.embed_queries(variables)
@@ -61,23 +97,53 @@ class Evaluator:
       out[:len(values)] = values
       return out
 
-    kwargs = {}
-    if split.candidates is not None:
-      cand = np.full((q_pad, split.candidates.shape[1]), -1, np.int64)
-      cand[:n_q] = split.candidates[:n_q]
-      kwargs = dict(subset_candidates=cand, subset_target=pad(split.target_index[:n_q], q_pad, 0))
-    result = retrieval.evaluate_retrieval(
-        queries, gallery,
-        gallery_labels=pad(split.image_labels, g_pad, -1),
-        target_labels=pad(split.target_label[:n_q], q_pad, -2),
-        exclude_index=pad(split.ref_index[:n_q], q_pad, -1),
-        ks=tuple(self.config.eval.ks), mesh=self.mesh, return_topk=return_topk,
-        query_valid=np.arange(q_pad) < n_q, gallery_valid=np.arange(g_pad) < split.num_images,
-        block_size=self.config.eval.block_size, **kwargs)
-    metrics, top = result if return_topk else (result, None)
+    has_target = np.asarray(split.target_index[:n_q]) >= 0
+    if has_target.any() != has_target.all():
+      raise ValueError(f"{split.name}: {int((~has_target).sum())} of {n_q} queries have no "
+                       f"target; recall needs a target for every query")
+    variants = tuple(self.config.eval.gallery_variants)
+    for v in variants:
+      if v not in GALLERY_VARIANTS:
+        raise ValueError(f"eval.gallery_variants has {v!r}; valid: {list(GALLERY_VARIANTS)}")
+    common = dict(query_valid=np.arange(q_pad) < n_q,
+                  gallery_valid=np.arange(g_pad) < split.num_images,
+                  block_size=self.config.eval.block_size)
+    ref = pad(split.ref_index[:n_q], q_pad, -1)
+    protocol = (split.protocol
+                or "reference image excluded; hit = gallery image with the target's label")
+    metrics, top = {}, None
+    if not has_target.any():
+      # No labels (test split): recall is undefined, only the ranking is produced.
+      k = min(max(return_topk, 50), split.num_images)
+      _, top = retrieval.gallery_topk(queries, gallery, k, self.mesh, exclude_index=ref,
+                                      block_size=common["block_size"],
+                                      gallery_valid=common["gallery_valid"])
+      top = np.asarray(jax.device_get(top))
+      protocol += "; no targets in this split: top-k ids (reference excluded) only, no recall"
+    for i, variant in enumerate(variants if has_target.any() else ()):
+      kwargs = {}
+      if split.candidates is not None and i == 0:
+        cand = np.full((q_pad, split.candidates.shape[1]), -1, np.int64)
+        cand[:n_q] = split.candidates[:n_q]
+        kwargs = dict(subset_candidates=cand,
+                      subset_target=pad(split.target_index[:n_q], q_pad, 0))
+      result = retrieval.evaluate_retrieval(
+          queries, gallery,
+          gallery_labels=pad(split.image_labels, g_pad, -1),
+          target_labels=pad(split.target_label[:n_q], q_pad, -2),
+          exclude_index=ref if variant == "exclude_ref" else np.full(q_pad, -1, np.int64),
+          ks=tuple(self.config.eval.ks), mesh=self.mesh,
+          return_topk=return_topk if i == 0 else 0, **common, **kwargs)
+      result, top = (result if return_topk and i == 0 else (result, top))
+      prefix = "" if i == 0 else f"{variant}/"
+      metrics.update({prefix + k: v for k, v in result.items()})
+    if "R@5" in metrics and "R_subset@1" in metrics:
+      metrics["(R@5+R_subset@1)/2"] = (metrics["R@5"] + metrics["R_subset@1"]) / 2
+    if has_target.any():
+      protocol += "; gallery variants: " + ", ".join(
+          f"{v} ({'headline' if i == 0 else v + '/R@K'})" for i, v in enumerate(variants))
     out = {"split": split.name, "num_queries": int(n_q), "num_gallery": int(split.num_images),
-           "protocol": "reference image excluded; hit = gallery image with the target's label",
-           "metrics": metrics}
+           "protocol": protocol, "skipped": dict(split.skipped), "metrics": metrics}
     if top is not None:
       out["topk"] = top[:n_q]
     return out
@@ -113,8 +179,12 @@ def evaluate_workdir(config, workdir) -> dict:
   state, step = checkpoint.restore_latest(manager, state)
   if step is None:
     raise FileNotFoundError(f"no checkpoint in {manager.directory}; train first")
-  evaluator = Evaluator(config, model, vocab, mesh, log=log)
-  results = evaluator.evaluate({"params": state.params, "batch_stats": state.batch_stats})
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  if config.data.name == "fashioniq":  # the protocol averages three per-category galleries
+    from cir_jax import protocols  # pylint: disable=g-import-not-at-top
+    results = protocols.evaluate_fashioniq(config, model, vocab, mesh, variables, log=log)
+  else:
+    results = Evaluator(config, model, vocab, mesh, log=log).evaluate(variables)
   results["step"] = step
   log(format_table(results))
   write_results(workdir, results)

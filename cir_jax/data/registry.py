@@ -7,8 +7,21 @@ def _css(data_config, split, log):
   return css_split.load_css_split(data_config, split, log=log)
 
 
+def _manual(module, function):
+  """A loader that imports cir_jax.data.<module> only when that dataset is used."""
+  def load(data_config, split, log):
+    import importlib  # pylint: disable=g-import-not-at-top
+    return getattr(importlib.import_module(f"cir_jax.data.{module}"), function)(
+        data_config, split, log=log)
+  return load
+
+
 LOADERS: dict[str, Callable] = {
     "css": _css,
+    "cirr": _manual("cirr", "load_cirr_split"),
+    "fashioniq": _manual("fashioniq", "load_fashioniq_split"),
+    "fashion200k": _manual("fashion200k", "load_fashion200k_split"),
+    "mit_states": _manual("mit_states", "load_mit_states_split"),
 }
 
 

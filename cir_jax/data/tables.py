@@ -36,6 +36,10 @@ class RetrievalSplit:
     candidates: optional int64 [Q, S] gallery indices of each query's subset
       (CIRR img_set members minus the reference), -1 padded.
     query_ids: optional Q ids (CIRR pairid) for submission files.
+    protocol: how this split is scored (gallery, exclusions, hit rule), copied
+      into the results JSON; empty = the generic rule.
+    skipped: counts of what the loader dropped, e.g. {'images': 12,
+      'queries': 30} with data.skip_missing_images (written to the results).
   """
   name: str
   images: Optional[np.ndarray]
@@ -49,6 +53,8 @@ class RetrievalSplit:
   query_images: Optional[np.ndarray] = None
   candidates: Optional[np.ndarray] = None
   query_ids: Optional[Sequence[str]] = None
+  protocol: str = ""
+  skipped: dict = dataclasses.field(default_factory=dict)
 
   @property
   def num_images(self) -> int:

@@ -1,0 +1,165 @@
+"""MIT-States (Isola et al., CVPR 2015) in the TIRG protocol (Vo et al., CVPR 2019, 4.2).
+
+Layout (`data.manual_dir` = the release's root):
+
+  <manual_dir>/images/<adj> <noun>/*.jpg      e.g. images/ripe tomato/image_123.jpg
+  <manual_dir>/compositional-split/{train,test}_pairs.txt   only for data.mit_states_split=
+                                              'compositional' ('<adj> <noun>' per line)
+
+As google/tirg datasets.py: folders without a space are ignored, and so are the
+'adj <noun>' folders (the release's un-annotated images, adjective literally 'adj').
+
+`data.mit_states_split`:
+* 'tirg' (retrieval, Table 2): the 49 nouns of TEST_NOUNS are held out; train
+  has the other nouns, test only these, so every test composition is novel.
+  Test queries (as the reference): for every test image and every OTHER
+  adjective its noun takes in the test split, the text is that target
+  adjective and the target set is every test image of '<target adj> <noun>'.
+  The reference image is excluded. R@{1,5,10}.
+* 'compositional' (classification, Table 3): the (adj, noun) pair split of
+  Nagarajan & Grauman 2018 / Misra et al. 2017 that the paper says it uses
+  ("the same compositional split as [31, 33]"): train images are those of the
+  train pairs, test images those of the (unseen) test pairs. See
+  cir_jax/mit_states_classification.py.
+
+Training queries (as the reference's caption_index_sample_): for an image of
+noun n, a target adjective drawn uniformly from the adjectives of n in the
+split (its own included, as in the reference), a random image of that pair,
+text = the target adjective. `data.pairs_per_image` draws per image, fixed
+once with `data.dataset_seed` (the reference redraws per access).
+"""
+import os
+import pathlib
+
+import numpy as np
+
+from cir_jax.data import manual
+from cir_jax.data.tables import RetrievalSplit
+
+SPLITS = ("train", "test")
+SPLIT_KINDS = ("tirg", "compositional")
+IMAGE_SUFFIXES = (".jpg", ".jpeg")
+
+# The 49 held-out test nouns, verbatim from google/tirg datasets.py (MITStates.__init__).
+TEST_NOUNS = (
+    "armor", "bracelet", "bush", "camera", "candy", "castle", "ceramic", "cheese", "clock",
+    "clothes", "coffee", "fan", "fig", "fish", "foam", "forest", "fruit", "furniture", "garden",
+    "gate", "glass", "horse", "island", "laptop", "lead", "lightning", "mirror", "orange",
+    "paint", "persimmon", "plastic", "plate", "potato", "road", "rubber", "sand", "shell", "sky",
+    "smoke", "steel", "stream", "table", "tea", "tomato", "vacuum", "wax", "wheel", "window",
+    "wool")
+
+MANUAL_DOWNLOAD_INSTRUCTIONS = """\
+MIT-States: download release_dataset.zip from
+http://web.mit.edu/phillipi/Public/states_and_transformations/ and unzip it so that
+<manual_dir>/images/<adj> <noun>/*.jpg exist. For data.mit_states_split='compositional' also
+copy compositional-split/{train,test}_pairs.txt from the Attributes-as-Operators data
+(https://github.com/Tushar-N/attributes-as-operators) into <manual_dir>/compositional-split/."""
+
+
+def read_pairs(path: pathlib.Path) -> set:
+  """{(adj, noun)} of a '<adj> <noun>' per line file."""
+  if not path.is_file():
+    raise FileNotFoundError(f"{path} not found.\n" + MANUAL_DOWNLOAD_INSTRUCTIONS)
+  pairs = set()
+  for n, line in enumerate(path.read_text().splitlines(), 1):
+    if line.strip():
+      words = line.split()
+      if len(words) != 2:
+        raise ValueError(f"{path}:{n}: expected '<adj> <noun>', got {line!r}")
+      pairs.add(tuple(words))
+  return pairs
+
+
+def list_images(manual_dir, split: str, kind: str = "tirg") -> list:
+  """[(relative path, adj, noun)] of `split`, sorted (folder, file)."""
+  if split not in SPLITS:
+    raise ValueError(f"MIT-States has no split {split!r}; splits: {list(SPLITS)}")
+  if kind not in SPLIT_KINDS:
+    raise ValueError(f"data.mit_states_split={kind!r}; valid: {list(SPLIT_KINDS)}")
+  root = pathlib.Path(manual_dir)
+  images = root / "images"
+  if not images.is_dir():
+    raise FileNotFoundError(f"{images} not found.\n" + MANUAL_DOWNLOAD_INSTRUCTIONS)
+  pairs = (read_pairs(root / "compositional-split" / f"{split}_pairs.txt")
+           if kind == "compositional" else None)
+  out = []
+  for folder in sorted(os.listdir(images)):
+    if " " not in folder:
+      continue
+    words = folder.split()
+    if len(words) != 2:
+      raise ValueError(f"{images / folder}: folder name must be '<adj> <noun>'")
+    adj, noun = words
+    if adj == "adj":
+      continue
+    if kind == "tirg" and (noun in TEST_NOUNS) != (split == "test"):
+      continue
+    if kind == "compositional" and (adj, noun) not in pairs:
+      continue
+    for f in sorted(os.listdir(images / folder)):
+      if f.startswith("."):
+        continue
+      if not f.lower().endswith(IMAGE_SUFFIXES):
+        raise ValueError(f"{images / folder / f}: not a .jpg image (the release has only jpg)")
+      out.append((f"images/{folder}/{f}", adj, noun))
+  if not out:
+    raise ValueError(f"MIT-States {kind}/{split}: no images under {images}")
+  return out
+
+
+def load_mit_states_split(data_config, split: str, log=print) -> RetrievalSplit:
+  """Builds MIT-States `split`; labels are '<adj> <noun>' class ids."""
+  kind = data_config.mit_states_split
+  root = pathlib.Path(data_config.manual_dir or ".")
+  if not data_config.manual_dir:
+    raise ValueError("data.manual_dir is empty.\n" + MANUAL_DOWNLOAD_INSTRUCTIONS)
+  images = list_images(root, split, kind)
+  classes = [f"{a} {n}" for _, a, n in images]
+  labels, class_id = manual.labels_of(classes)
+  noun_adjs: dict = {}
+  class_rows: dict = {}
+  for i, (_, a, n) in enumerate(images):
+    noun_adjs.setdefault(n, [])
+    if a not in noun_adjs[n]:
+      noun_adjs[n].append(a)
+    class_rows.setdefault(f"{a} {n}", []).append(i)
+  src, tgt_label, texts, tgt_row = [], [], [], []
+  if split == "test":
+    for i, (_, a, n) in enumerate(images):
+      for t in noun_adjs[n]:
+        if t != a:
+          src.append(i)
+          texts.append(t)
+          tgt_label.append(class_id[f"{t} {n}"])
+          tgt_row.append(class_rows[f"{t} {n}"][0])  # a representative; any of the set is a hit
+  else:
+    if data_config.pairs_per_image < 1:
+      raise ValueError(f"data.pairs_per_image={data_config.pairs_per_image} must be >= 1")
+    rng = np.random.default_rng(data_config.dataset_seed)
+    for i, (_, a, n) in enumerate(images):
+      for _ in range(data_config.pairs_per_image):
+        t = noun_adjs[n][rng.integers(len(noun_adjs[n]))]
+        rows = class_rows[f"{t} {n}"]
+        src.append(i)
+        texts.append(t)
+        tgt_label.append(class_id[f"{t} {n}"])
+        tgt_row.append(rows[rng.integers(len(rows))])
+  if not src:
+    raise ValueError(f"MIT-States {kind}/{split}: no queries (every noun has one adjective)")
+  paths = [p for p, _, _ in images]
+  out = manual.assemble(
+      f"mit_states/{kind}/{split}", paths, [str(root / p) for p in paths], labels,
+      np.asarray(src), np.asarray(tgt_row), np.asarray(tgt_label), texts,
+      skip_missing=data_config.skip_missing_images,
+      protocol=(f"MIT-States ({kind} split): gallery = all {split} images; reference "
+                "excluded; text = target adjective; hit = any image of '<target adj> <noun>'"),
+      log=log, instructions=MANUAL_DOWNLOAD_INSTRUCTIONS)
+  log(f"mit_states/{kind}/{split}: {out.num_queries} queries, {out.num_images} images, "
+      f"{len(class_id)} (adj, noun) classes, {len(noun_adjs)} nouns")
+  return out
+
+
+def class_table(split: RetrievalSplit) -> list:
+  """'<adj> <noun>' name of every gallery image (from its folder)."""
+  return [pathlib.Path(p).parent.name for p in split.image_paths]

@@ -1,0 +1,39 @@
+"""TIRG (fc-level) on FashionIQ: R@10 / R@50 per category, averages, and their mean.
+
+manual_dir must hold captions/cap.{dress,shirt,toptee}.*.json, image_splits/split.*.json and
+images/<asin>.png or .jpg (see cir_jax/data/fashioniq.py). Trains on all three categories
+(CLIP4Cir's randomised caption forms), evaluates dress val during training; `cir_jax.evaluate`
+scores all three categories with both gallery variants (reference excluded / included):
+  python -m cir_jax.train --config configs/tirg_fashioniq.py \
+      --config.data.manual_dir=/path/to/fashion-iq --workdir runs/tirg_fashioniq
+  python -m cir_jax.evaluate --config configs/tirg_fashioniq.py \
+      --config.data.manual_dir=/path/to/fashion-iq --workdir runs/tirg_fashioniq
+About 4% of the image links are dead: add --config.data.skip_missing_images=True (counted).
+"""
+from configs import common
+
+
+def get_config(arg=None):
+  arg = common.parse_arg(arg, steps=0)
+  c = common.base_config()
+  c.data.name = "fashioniq"
+  c.data.image_size = 224
+  c.data.train_split = "train"
+  c.data.eval_split = "val"
+  c.data.category = "dress"
+  c.data.train_categories = ("dress", "shirt", "toptee")
+  c.data.caption_join = "random_forms"   # train only; evaluation always "<C1> and <c2>"
+  c.data.max_text_len = 40
+  c.model.composer = "tirg"
+  c.model.image_encoder = "resnet18"
+  c.loss.name = "batch_classification"
+  c.batch_size = 32
+  c.num_train_steps = 50_000
+  c.eval_every_steps = 5_000
+  c.checkpoint_every_steps = 5_000
+  c.log_every_steps = 100
+  c.eval.ks = (10, 50)
+  c.eval.gallery_variants = ("exclude_ref", "include_ref")
+  if arg.steps:
+    c.num_train_steps = arg.steps
+  return c

@@ -1,0 +1,37 @@
+"""TIRG (fc-level) on MIT-States with the TIRG paper's settings (section 4.2, Tables 2-3).
+
+manual_dir must hold images/<adj> <noun>/*.jpg (the MIT-States release); for the
+classification split also compositional-split/{train,test}_pairs.txt
+(see cir_jax/data/mit_states.py).
+Retrieval (49 held-out nouns, R@1/5/10; soft triplet K = 2):
+  python -m cir_jax.train --config configs/tirg_mit_states.py \
+      --config.data.manual_dir=/path/to/mit_states --workdir runs/tirg_mit_states
+Classification with compositionally novel labels (Table 3): train on the pair split,
+then score with cir_jax.mit_states_classification.evaluate_classification:
+  python -m cir_jax.train --config configs/tirg_mit_states.py:compositional \
+      --config.data.manual_dir=/path/to/mit_states --workdir runs/tirg_mit_states_cls
+"""
+from configs import common
+
+
+def get_config(arg=None):
+  arg = common.parse_arg(arg, compositional=False, steps=0)
+  c = common.base_config()
+  c.data.name = "mit_states"
+  c.data.image_size = 224
+  c.data.train_split = "train"
+  c.data.eval_split = "test"
+  c.data.pairs_per_image = 4
+  c.data.mit_states_split = "compositional" if arg.compositional else "tirg"
+  c.model.composer = "tirg"
+  c.model.image_encoder = "resnet18"
+  c.loss.name = "soft_triplet"    # K = 2 (Eq. 5)
+  c.batch_size = 32
+  c.num_train_steps = 150_000
+  c.eval_every_steps = 10_000
+  c.checkpoint_every_steps = 5_000
+  c.log_every_steps = 100
+  c.eval.ks = (1, 5, 10)
+  if arg.steps:
+    c.num_train_steps = arg.steps
+  return c

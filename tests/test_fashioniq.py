@@ -1,0 +1,119 @@
+"""FashionIQ from every real annotation file: counts, caption joins, images, aggregation."""
+import json
+import os
+import shutil
+
+import ml_collections
+import pytest
+
+from cir_jax import protocols
+from cir_jax.data import fashioniq
+from tests import placeholder_images
+
+SIZES = {  # (queries, images) per category and split, as published
+    ("dress", "train"): (5985, 11452), ("dress", "val"): (2017, 3817),
+    ("dress", "test"): (2024, 3818), ("shirt", "train"): (5988, 19036),
+    ("shirt", "val"): (2038, 6346), ("shirt", "test"): (2038, 6346),
+    ("toptee", "train"): (6027, 16121), ("toptee", "val"): (1961, 5373),
+    ("toptee", "test"): (2056, 5374)}
+
+
+def data_config(root, **overrides):
+  c = ml_collections.ConfigDict(dict(
+      manual_dir=str(root), category="dress", train_categories=("dress",), caption_join="and",
+      image_extensions=("png", "jpg"), skip_missing_images=False))
+  c.update(overrides)
+  return c
+
+
+@pytest.fixture(scope="module")
+def fiq_dir(tmp_path_factory, shared_data):
+  root = tmp_path_factory.mktemp("fiq")
+  for sub in ("captions", "image_splits"):
+    shutil.copytree(shared_data / "fashion-iq" / sub, root / sub)
+  return root
+
+
+@pytest.mark.parametrize("category", fashioniq.CATEGORIES)
+@pytest.mark.parametrize("split", fashioniq.SPLITS)
+def test_every_file_parses_with_published_counts(fiq_dir, category, split):
+  cfg = data_config(fiq_dir, category=category, train_categories=(category,))
+  out = fashioniq.load_fashioniq_split(cfg, split, log=lambda _: None, check_images=False)
+  assert (out.num_queries, out.num_images) == SIZES[(category, split)]
+  assert (out.target_index >= 0).all() == (split != "test")
+  assert (out.target_index != out.ref_index).all()
+
+
+def test_dress_val_with_images_and_clip4cir_join(fiq_dir):
+  names, queries = fashioniq.load_annotations(fiq_dir, "dress", "val")
+  paths = [str(fiq_dir / "images" / f"{n}.{'png' if i % 2 else 'jpg'}")  # both suffixes
+           for i, n in enumerate(names)]
+  placeholder_images.write_images(paths)
+  out = fashioniq.load_fashioniq_split(data_config(fiq_dir), "val", log=lambda _: None)
+  assert (out.num_queries, out.num_images) == (2017, 3817)
+  assert out.image_paths == paths
+  first = json.loads((fiq_dir / "captions/cap.dress.val.json").read_text())[0]
+  c1, c2 = first["captions"]
+  assert out.texts[0] == f"{c1.strip('.?, ').capitalize()} and {c2.strip('.?, ')}"
+  assert out.image_ids[out.ref_index[0]] == first["candidate"]
+  assert out.image_ids[out.target_index[0]] == first["target"]
+  for p in paths[:5]:
+    os.remove(p)
+  with pytest.raises(FileNotFoundError, match="5 of 3817 images are missing"):
+    fashioniq.load_fashioniq_split(data_config(fiq_dir), "val", log=lambda _: None)
+  logs = []
+  out = fashioniq.load_fashioniq_split(data_config(fiq_dir, skip_missing_images=True), "val",
+                                       log=logs.append)
+  gone = set(names[:5])
+  dropped = sum(q[0] in gone or q[1] in gone for q in queries)
+  assert out.num_images == 3812 and out.skipped == {"images": 5, "queries": dropped}
+  assert out.num_queries == 2017 - dropped and any("skipping 5" in line for line in logs)
+
+
+def test_random_forms_and_union_of_categories(fiq_dir):
+  cfg = data_config(fiq_dir, caption_join="random_forms",
+                    train_categories=fashioniq.CATEGORIES)
+  out = fashioniq.load_fashioniq_split(cfg, "train", log=lambda _: None, check_images=False)
+  names, queries = set(), []
+  for cat in fashioniq.CATEGORIES:
+    cat_names, cat_queries = fashioniq.load_annotations(fiq_dir, cat, "train")
+    names.update(cat_names)
+    queries += cat_queries
+  assert out.num_images == len(names) == 45429  # categories share some images
+  # Four forms per pair, minus single-caption forms whose caption is empty.
+  assert out.num_queries == sum(2 + sum(bool(c.strip(".?, ")) for c in q[2:]) for q in queries)
+  c1, c2 = queries[0][2:]
+  assert out.texts[:4] == fashioniq.caption_forms(c1, c2)
+  assert out.texts[1].startswith(c2.strip(".?, ").capitalize())
+  assert len(set(out.ref_index[:4].tolist())) == 1
+  val = fashioniq.load_fashioniq_split(cfg, "val", log=lambda _: None, check_images=False)
+  assert val.num_queries == 2017  # evaluation always uses the one deterministic text
+
+
+def test_bad_category_and_malformed_file(fiq_dir, tmp_path):
+  with pytest.raises(ValueError, match="category 'all'"):
+    fashioniq.load_fashioniq_split(data_config(fiq_dir, category="all"), "val",
+                                   check_images=False)
+  shutil.copytree(fiq_dir / "image_splits", tmp_path / "image_splits")
+  (tmp_path / "captions").mkdir()
+  records = json.loads((fiq_dir / "captions/cap.dress.val.json").read_text())
+  records[9]["captions"] = ["only one"]
+  (tmp_path / "captions/cap.dress.val.json").write_text(json.dumps(records))
+  with pytest.raises(ValueError, match=r"cap\.dress\.val\.json: entry 9 field 'captions'"):
+    fashioniq.load_fashioniq_split(data_config(tmp_path), "val", check_images=False)
+
+
+def test_aggregate_three_categories():
+  def result(r10, r50, i10, i50):
+    return {"num_queries": 10, "num_gallery": 20, "protocol": "p", "skipped": {"images": 1},
+            "metrics": {"R@10": r10, "R@50": r50, "include_ref/R@10": i10,
+                        "include_ref/R@50": i50}}
+  out = protocols.aggregate_fashioniq({"dress": result(10, 40, 8, 30),
+                                       "shirt": result(20, 50, 18, 40),
+                                       "toptee": result(30, 60, 28, 50)})
+  m = out["metrics"]
+  assert m["avg/R@10"] == 20 and m["avg/R@50"] == 50 and m["avg/mean(R@10,R@50)"] == 35
+  assert m["avg/include_ref/R@10"] == pytest.approx(18)
+  assert m["avg/include_ref/mean(R@10,R@50)"] == pytest.approx(29)
+  assert m["shirt/R@50"] == 50 and out["skipped"] == {"images": 3}
+  assert out["num_queries"] == 30
