@@ -30,6 +30,7 @@ from PIL import Image
 
 from cir_jax.data import css_render
 from cir_jax.data import css_scenes
+from cir_jax.utils import logging as log_lib
 
 DEFAULT_NUM_SCENES = 1000
 DEFAULT_NUM_QUERIES = 16000
@@ -156,12 +157,18 @@ class CSS(tfds.core.GeneratorBasedBuilder):
         encoded[key] = _png(draw(scenes[image_id], config.image_size))
       return encoded[key]
 
-    for q in queries:
+    # Generating the paper-size splits takes minutes: report ~10 times with an ETA.
+    log, every = log_lib.Logger(), max(1, len(queries) // 10)
+    progress = log_lib.Progress(len(queries), 0, 1, what=f"css/{split} query")
+    progress.update(0)  # nothing compiles here: give a rate from the first line on
+    for i, q in enumerate(queries, start=1):
       example = dict(q)
       for side in ("ref", "target"):
         for render in ("2d", "3d"):
           example[f"{side}_image_{render}"] = png(q[f"{side}_id"], render)
       yield q["query_id"], example
+      if i % every == 0 or i == len(queries):
+        log(progress.line(i, progress.update(i)))
 
 
 def build_css(data_dir, image_size: int = 64, num_scenes: int = DEFAULT_NUM_SCENES,

@@ -26,6 +26,12 @@ class Logger:
         f.write(f"[{stamp}] {message}\n")
 
 
+def _scalar_metadata():
+  from tensorflow.core.framework import summary_pb2  # pylint: disable=g-import-not-at-top
+  return summary_pb2.SummaryMetadata(
+      plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"))
+
+
 class SummaryWriter:
   """TensorBoard scalars under `<workdir>/tensorboard` and JSON lines in
   `<workdir>/metrics.jsonl`, written by process 0 only."""
@@ -46,9 +52,12 @@ class SummaryWriter:
       value = np.asarray(value)
       if value.ndim == 0 and np.issubdtype(value.dtype, np.number):
         scalars[name] = float(value)
+    # tf.summary.scalar needs the `tensorboard` package (not a dependency of
+    # tensorflow 2.21); the core op with the scalar plugin's metadata writes the
+    # same event that TensorBoard's scalars dashboard reads.
     with self.writer.as_default(step=step):
       for name, value in scalars.items():
-        tf.summary.scalar(name, value)
+        tf.summary.write(name, tf.constant(value, tf.float32), metadata=_scalar_metadata())
     self.writer.flush()
     with self.jsonl.open("a") as f:
       f.write(json.dumps({"step": step, **scalars}) + "\n")

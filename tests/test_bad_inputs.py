@@ -1,0 +1,191 @@
+"""Bad input -> a clear error naming the offending name/field/file, before compiling.
+
+Each test feeds one kind of bad input through the public entry point a user
+would hit (mostly `train.train_and_evaluate`, with a random split registered as
+dataset 'random' so nothing is generated) and asserts the message names it.
+"""
+import pathlib
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from cir_jax import checkpoint
+from cir_jax import optim
+from cir_jax import sharding
+from cir_jax import train
+from cir_jax import train_state
+from cir_jax.data import checks
+from cir_jax.data import pipeline
+from cir_jax.data import registry
+from cir_jax.data.tables import RetrievalSplit
+from cir_jax.data.vocab import Vocabulary
+from cir_jax.models import build
+from cir_jax.models import composers
+from tests import fakes
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def random_dataset(monkeypatch):
+  monkeypatch.setitem(registry.LOADERS, "random",
+                      lambda data_config, split, log: fakes.random_split(
+                          num_images=16, num_queries=16, name=f"random/{split}"))
+
+
+def _config(**overrides):
+  return fakes.tiny_config("concat", **{"data.name": "random", "data.max_text_len": 8,
+                                        "eval.batch_size": 8, **overrides})
+
+
+@pytest.mark.parametrize("field,value,valid", [
+    ("model.composer", "tirgg", f"valid composers: {sorted(composers.COMPOSERS)}"),
+    ("data.name", "cssx", "valid datasets: "),  # the list is checked below
+    ("loss.name", "hinge", f"valid losses: {sorted(train.LOSSES)}"),
+])
+def test_unknown_names_list_the_valid_ones(tmp_path, random_dataset, field, value, valid):
+  del random_dataset
+  with pytest.raises(ValueError, match=re.escape(f"{value!r}; {valid}")):
+    train.train_and_evaluate(_config(**{field: value}), tmp_path)
+  with pytest.raises(ValueError, match=re.escape(f"valid datasets: {sorted(registry.LOADERS)}")):
+    train.train_and_evaluate(_config(**{"data.name": "cssx"}), tmp_path)
+
+
+def test_batch_not_divisible_by_devices(tmp_path, random_dataset):
+  del random_dataset
+  with pytest.raises(ValueError, match=re.escape(
+      "batch_size=12 must be a positive multiple of the number of devices "
+      "(8 devices over 1 process(es))")):
+    train.train_and_evaluate(_config(batch_size=12), tmp_path)
+
+
+def _save(workdir, state, step=1):
+  manager = checkpoint.make_manager(workdir, 3)
+  checkpoint.save(manager, step, state)
+  manager.wait_until_finished()
+  manager.close()
+
+
+def test_checkpoint_of_another_model_names_keys_and_shapes(tmp_path):
+  saved = {"step": jnp.int32(1), "params": {"fc": {"kernel": jnp.ones((4, 16))},
+                                            "old": {"bias": jnp.zeros(3)}}}
+  _save(tmp_path, saved)
+  expected = {"step": jnp.int32(0), "params": {"fc": {"kernel": jnp.ones((4, 32))},
+                                               "new": {"bias": jnp.zeros(5)}}}
+  manager = checkpoint.make_manager(tmp_path, 3)
+  with pytest.raises(ValueError) as error:
+    checkpoint.restore_latest(manager, expected)
+  message = str(error.value)
+  assert f"checkpoint {tmp_path / 'checkpoints' / '1'} does not match" in message
+  assert "missing from the checkpoint: params/new/bias [5]" in message
+  assert "in the checkpoint but not in this model: params/old/bias [3]" in message
+  assert "shapes differ: params/fc/kernel checkpoint [4, 16] vs model [4, 32]" in message
+
+
+def test_checkpoint_of_another_model_vs_a_real_train_state(tmp_path):
+  # The real TrainState's key names (attributes, optax tuples) against Orbax's
+  # saved tree; eval_shape traces the init without compiling it.
+  config = _config()
+  split = fakes.random_split(num_queries=16)
+  vocab = Vocabulary.build(split.texts)
+  model = build.build_model(config.model, len(vocab))
+  tx = optim.make_optimizer(config.optimizer)
+  data = pipeline.TrainPipeline(split, vocab, 8, 8, _mesh(), 0, 32)
+  example = {k: jax.ShapeDtypeStruct(v.shape, v.dtype)
+             for k, v in next(data.dataset(0).as_numpy_iterator()).items()}
+  state = jax.eval_shape(lambda: train_state.create_train_state(model, tx, example, 0, _mesh()))
+  _save(tmp_path, {"step": jnp.int32(1), "params": {"composer": {"fc": {"kernel": jnp.ones(3)}}}})
+  with pytest.raises(ValueError) as error:
+    checkpoint.check_matches(tmp_path / "checkpoints" / "1", state)
+  message = str(error.value)
+  assert "in the checkpoint but not in this model: params/composer/fc/kernel [3]" in message
+  assert re.search(r"missing from the checkpoint: batch_stats/\S+ \[\d+\], ", message), message
+  assert "(+" in message  # the rest is counted, not listed
+
+
+def test_require_dir_names_the_field_and_path(tmp_path):
+  with pytest.raises(ValueError, match=r"data\.manual_dir is not set"):
+    checks.require_dir("", "data.manual_dir")
+  with pytest.raises(FileNotFoundError, match=re.escape(
+      f"data.manual_dir='{tmp_path}/nope' does not exist")):
+    checks.require_dir(tmp_path / "nope", "data.manual_dir")
+  (tmp_path / "file").write_text("x")
+  with pytest.raises(FileNotFoundError, match="is a file, not a directory"):
+    checks.require_dir(tmp_path / "file", "data.manual_dir")
+  (tmp_path / "cirr" / "captions").mkdir(parents=True)
+  with pytest.raises(FileNotFoundError, match=re.escape("lacks ['image_splits']")):
+    checks.require_dir(tmp_path / "cirr", "data.manual_dir", contains=("captions", "image_splits"))
+  assert checks.require_dir(tmp_path / "cirr", "data.manual_dir",
+                            contains=("captions",)) == tmp_path / "cirr"
+
+
+def _mesh():
+  return sharding.make_mesh(jax.devices()[:1])
+
+
+def test_empty_caption_names_the_query():
+  split = fakes.random_split(num_queries=8)
+  split.texts[5] = "   "
+  vocab = Vocabulary.build([t for t in split.texts if t.strip()])
+  with pytest.raises(ValueError, match="random/train: empty modification text for query 5"):
+    pipeline.TrainPipeline(split, vocab, 8, 4, _mesh(), 0, 32)
+  with pytest.raises(ValueError, match="empty modification text for query 5"):
+    pipeline.EvalPipeline(split, vocab, 8, 4, _mesh(), 32)
+
+
+def test_caption_without_known_words_names_the_query():
+  split = fakes.random_split(num_queries=8)
+  split.texts[2] = "?!"
+  vocab = Vocabulary.build(split.texts)
+  with pytest.raises(ValueError, match=re.escape("query 2 text '?!' has no words")):
+    pipeline.TrainPipeline(split, vocab, 8, 4, _mesh(), 0, 32)
+
+
+def _file_split(tmp_path, num_images=4):
+  paths = []
+  for i in range(num_images):
+    path = tmp_path / f"img{i}.png"
+    Image.fromarray(np.full((20, 20, 3), 40 * i, np.uint8)).save(path)
+    paths.append(path)
+  split = RetrievalSplit(
+      name="files/train", images=None, image_paths=[str(p) for p in paths],
+      image_labels=np.arange(num_images), image_ids=[p.name for p in paths],
+      ref_index=np.arange(num_images), target_index=(np.arange(num_images) + 1) % num_images,
+      target_label=(np.arange(num_images) + 1) % num_images,
+      texts=["make it red"] * num_images)
+  return split, paths
+
+
+def test_corrupt_image_is_named_in_training_and_evaluation(tmp_path):
+  split, paths = _file_split(tmp_path)
+  paths[2].write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png" * 4)
+  vocab = Vocabulary.build(split.texts)
+  train_data = pipeline.TrainPipeline(split, vocab, 8, 4, _mesh(), 0, 16)
+  with pytest.raises(ValueError, match=re.escape(f"cannot read or decode image {paths[2]} "
+                                                 f"(gallery index 2")) as error:
+    next(train_data.batches(0))
+  assert "files/train, training step 0" in str(error.value)
+  eval_data = pipeline.EvalPipeline(split, vocab, 8, 4, _mesh(), 16)
+  with pytest.raises(ValueError, match=re.escape(f"cannot read or decode image {paths[2]}")):
+    list(eval_data.gallery_batches())
+
+
+def test_missing_image_file_is_named(tmp_path):
+  split, paths = _file_split(tmp_path)
+  paths[1].unlink()
+  eval_data = pipeline.EvalPipeline(split, Vocabulary.build(split.texts), 8, 4, _mesh(), 16)
+  with pytest.raises(ValueError, match=re.escape(f"cannot read or decode image {paths[1]}")):
+    list(eval_data.query_batches())
+
+
+def test_no_pickle_loading_in_the_code():
+  # np.load(..., allow_pickle=True), pickle and torch.load can run code from a file.
+  pattern = re.compile(r"allow_pickle\s*=\s*True|^\s*import pickle|pickle\.load|torch\.load|"
+                       r"cloudpickle|dill\.load", re.M)
+  offenders = [str(p.relative_to(REPO)) for folder in ("cir_jax", "tools", "configs")
+               for p in (REPO / folder).rglob("*.py") if pattern.search(p.read_text())]
+  assert not offenders, offenders
