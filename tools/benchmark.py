@@ -5,8 +5,11 @@
   python tools/benchmark.py --negatives local,global --devices 8   # (with 8 fake CPU devices)
 
 Prints, per setting: examples/s and step time (median of timed steps), compile
-time (separately), XLA-reported FLOPs per step and the fraction of the measured
-peak matmul FLOP/s they reach, the compiled temp memory and the process peak RSS.
+time (separately), XLA-reported FLOPs per step (all devices: per-device cost x
+devices) and the fraction of the machine's measured peak matmul FLOP/s they reach
+(on CPU the fake devices share the cores, so the machine's peak is the one-device
+peak; on accelerators it is devices x that), the compiled temp memory and the
+process peak RSS.
 Timing only here, never in tests.
 """
 import argparse
@@ -88,10 +91,16 @@ def bench_train_step(args, image_size: int, negatives: str, conv_impl: str, peak
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - t)
   step_s = statistics.median(times)
+  # cost_analysis() describes the partitioned per-device program, so the step's
+  # total is mesh.size times it. The peak was measured on one device; fake CPU
+  # devices share the same cores (one device's matmul already uses all of them),
+  # so on CPU that is the machine's peak, while accelerators each add their own.
+  step_flops = flops * mesh.size
+  machine_peak = peak if jax.default_backend() == "cpu" else peak * mesh.size
   return {"setting": f"{args.composer}/{args.image_encoder} {image_size}px b{args.batch} "
                      f"{args.dtype} {negatives} conv={conv_impl} x{mesh.size}dev",
           "examples/s": args.batch / step_s, "step ms": 1e3 * step_s, "compile s": compile_s,
-          "GFLOP/step": flops / 1e9, "% of peak": 100 * flops / step_s / peak,
+          "GFLOP/step": step_flops / 1e9, "% of peak": 100 * step_flops / step_s / machine_peak,
           "temp MB": temp_mb, "max RSS MB": max_rss_mb()}
 
 
