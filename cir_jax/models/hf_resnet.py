@@ -16,6 +16,8 @@ from typing import Any, Callable, Optional, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from cir_jax.models import conv as conv_lib  # CPU-fast lowering, same params as nn.Conv
+
 
 class ConvLayer(nn.Module):
   """conv (no bias, padding k // 2) -> BatchNorm -> optional ReLU (HF ResNetConvLayer)."""
@@ -29,7 +31,7 @@ class ConvLayer(nn.Module):
   def __call__(self, x, train: bool = False):
     """[B, H, W, C] -> [B, H / stride, W / stride, features]."""
     pad = self.kernel_size // 2
-    x = nn.Conv(self.features, (self.kernel_size, self.kernel_size), (self.stride, self.stride),
+    x = conv_lib.Conv(self.features, (self.kernel_size, self.kernel_size), (self.stride, self.stride),
                 padding=((pad, pad), (pad, pad)), use_bias=False, dtype=self.dtype,
                 param_dtype=jnp.float32, name="convolution")(x)
     # torch momentum 0.1 == flax momentum 0.9; eps as torch's BatchNorm2d.
@@ -47,7 +49,7 @@ class ShortCut(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False):
     """[B, H, W, C] -> [B, H / stride, W / stride, features]."""
-    x = nn.Conv(self.features, (1, 1), (self.stride, self.stride), padding="VALID",
+    x = conv_lib.Conv(self.features, (1, 1), (self.stride, self.stride), padding="VALID",
                 use_bias=False, dtype=self.dtype, param_dtype=jnp.float32, name="convolution")(x)
     return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
                         dtype=self.dtype, param_dtype=jnp.float32, name="normalization")(x)

@@ -12,6 +12,8 @@ convolutions (CSS). `use_gate` / `use_residual` give the ablations of Table 5.
 import flax.linen as nn
 import jax.numpy as jnp
 
+from cir_jax.models import conv as conv_lib
+
 
 def _gate_weights(module):
   w_g = module.param("w_gate", nn.initializers.constant(1.0), (), jnp.float32)
@@ -76,8 +78,8 @@ class TIRGLastConv(nn.Module):
 
     def branch(name):
       y = nn.BatchNorm(use_running_average=not train, momentum=0.9, name=f"{name}_norm")(xt)
-      y = nn.relu(nn.Conv(xt.shape[-1], (3, 3), padding="SAME", name=f"{name}_conv1")(y))
-      return nn.Conv(c, (3, 3), padding="SAME", name=f"{name}_conv2")(y)
+      y = nn.relu(conv_lib.Conv(xt.shape[-1], (3, 3), name=f"{name}_conv1")(y))
+      return conv_lib.Conv(c, (3, 3), name=f"{name}_conv2")(y)
 
     out, aux = 0.0, {}
     if self.use_gate:
