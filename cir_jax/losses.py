@@ -320,6 +320,49 @@ def temperature_cross_entropy(query: jax.Array,
   return 0.5 * (forward + backward)
 
 
+def ssn_loss(query: jax.Array,
+             candidates: jax.Array,
+             positive_index: jax.Array,
+             negative_query: Optional[jax.Array] = None,
+             temperature: float | jax.Array = 0.01,
+             kl_weight: float = 1.0) -> jax.Array:
+  """SSN's objective, Eq. 7-9 of "Decompose Semantic Shifts for CIR" (AAAI 2024).
+
+  Eq. 7, the batch classification loss of the positive branch (its composed
+  queries psi+ against the targets, logits = psi+ . phi / tau):
+    L_ce = -1/b sum_i log softmax_j(psi+_i . phi_j / tau)[pos_i].
+  Eq. 8, the regulariser: with P+_i = softmax_j(psi+_i . phi_j / tau) and P-_i
+  the same for the negative branch (negative guiding text + discarded image
+  tokens), L_kl = -1/b sum_i KL(P+_i || P-_i); minimising it pushes the two
+  similarity distributions apart ("we aim to push away the distance").
+  Eq. 9: L = L_ce + kl_weight * L_kl.
+
+  The authors' code differs (see cir_jax/models/composers/ssn.py): it averages
+  the CE over both directions, divides the KL by b*b (torch's 'mean'), and adds
+  KL(softmax(I/tau) || P+). Here the paper's form is used.
+
+  Args:
+    query: [b, d] positive-branch queries (normalised, NOT scaled).
+    candidates: [n, d] target embeddings.
+    positive_index: [b] int, index of each query's positive in `candidates`.
+    negative_query: [b, d] negative-branch queries, or None (CE only, e.g.
+      the SSN ablation without decomposition).
+    temperature: tau (0.01 = CLIP's logit scale 100).
+    kl_weight: lambda of Eq. 9.
+
+  Returns:
+    Scalar float32 loss.
+  """
+  log_p_pos = jax.nn.log_softmax(similarity(query, candidates, 'dot') / temperature, axis=1)
+  loss = -jnp.mean(_positive_scores(log_p_pos, positive_index))
+  if negative_query is None or kl_weight == 0:
+    return loss
+  log_p_neg = jax.nn.log_softmax(
+      similarity(negative_query, candidates, 'dot') / temperature, axis=1)
+  kl = jnp.mean(jnp.sum(jnp.exp(log_p_pos) * (log_p_pos - log_p_neg), axis=1))
+  return loss - kl_weight * kl
+
+
 def global_batch_loss(loss_fn: Callable[..., jax.Array],
                       query: jax.Array,
                       target: jax.Array,
@@ -327,6 +370,7 @@ def global_batch_loss(loss_fn: Callable[..., jax.Array],
                       axis_name: str = 'data',
                       negatives: str = 'global',
                       symmetric: bool = False,
+                      per_query: Optional[dict] = None,
                       **kw) -> jax.Array:
   """Any loss above over the global batch, with an explicit all-gather.
 
@@ -357,6 +401,9 @@ def global_batch_loss(loss_fn: Callable[..., jax.Array],
       loss_fn(target_local, query_all, ...), averaging the two (CLIP's
       bidirectional loss across devices). Requires a symmetric kernel, which
       all of ours are.
+    per_query: optional dict of [B, ...] arrays sharded like `query` (e.g.
+      SSN's negative-branch queries); each device passes its local rows to
+      loss_fn under the dict's keys. Not combinable with `symmetric`.
     **kw: extra keyword arguments of loss_fn; array values are passed
       replicated. A key named `rng` is folded with the device index so
       samplers draw independently per device.
@@ -381,13 +428,21 @@ def global_batch_loss(loss_fn: Callable[..., jax.Array],
         f"devices of mesh axis '{axis_name}'; choose a batch size that is a "
         f'multiple of {num_devices}')
   b_local = batch // num_devices
+  per_query = dict(per_query or {})
+  if per_query and symmetric:
+    raise ValueError('global_batch_loss: per_query arrays belong to the query '
+                     'side; symmetric=True would pass them to the target side')
+  for key, value in per_query.items():
+    if value.shape[0] != batch:
+      raise ValueError(f'per_query[{key!r}] has {value.shape[0]} rows, expected '
+                       f'the batch {batch}')
 
   array_kw = {key: v for key, v in kw.items()
               if isinstance(v, (jax.Array, np.ndarray))}
   static_kw = {key: v for key, v in kw.items() if key not in array_kw}
 
-  def per_device(q, t, arrays):
-    arrays = dict(arrays)
+  def per_device(q, t, arrays, rows):
+    arrays = dict(arrays, **rows)
     if 'rng' in arrays and arrays['rng'] is not None:
       arrays['rng'] = jax.random.fold_in(arrays['rng'],
                                          jax.lax.axis_index(axis_name))
@@ -407,6 +462,6 @@ def global_batch_loss(loss_fn: Callable[..., jax.Array],
 
   sharded = jax.shard_map(
       per_device, mesh=mesh,
-      in_specs=(P(axis_name), P(axis_name), P()),
+      in_specs=(P(axis_name), P(axis_name), P(), P(axis_name)),
       out_specs=P())
-  return sharded(query, target, array_kw)
+  return sharded(query, target, array_kw, per_query)

@@ -35,9 +35,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_every_steps = 1000    # also evaluated at the end
   c.checkpoint_every_steps = 500
   c.keep_checkpoints = 3
+  c.preemption_sync_every_steps = 10  # multi-process: steps between agreeing to stop on SIGTERM
   c.resume = ""                # a workdir or checkpoint directory to continue from
   c.init_from = ""             # pretrained weights (a local Hugging Face directory)
+  c.init_from_image = ""       # per-tower overrides of init_from (e.g. CIRPLANT: ResNet + BERT)
+  c.init_from_text = ""
   c.distributed = False        # call jax.distributed.initialize() (multi-host)
+  c.distributed_coordinator = ""  # process 0 "host:port"; "" = env JAX_COORDINATOR_ADDRESS / auto
+  c.num_processes = 0          # 0 = env JAX_NUM_PROCESSES or auto-detect (TPU, SLURM, ...)
+  c.process_id = -1            # -1 = env JAX_PROCESS_ID or auto-detect
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "css"
@@ -50,9 +56,18 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.query_render = "3d"       # CSS: '3d' (3D->3D) or '2d' (2D->3D)
   c.data.target_render = "3d"
   c.data.max_text_len = 16
+  c.data.tokenizer = "vocab"       # 'vocab' (word vocabulary, LSTM) | a local HF tokenizer dir
   c.data.train_split = "train"
   c.data.eval_split = "test"
   c.data.eval_max_queries = 0      # 0 = every query (the protocol); >0 only for smoke runs
+  # Manual-download datasets (cir_jax/data/{cirr,fashioniq,fashion200k,mit_states}.py).
+  c.data.skip_missing_images = False  # False: error listing missing images; True: drop + count
+  c.data.category = "dress"        # FashionIQ category evaluated (its own val gallery)
+  c.data.train_categories = ("dress", "shirt", "toptee")  # FashionIQ categories trained on
+  c.data.caption_join = "and"      # FashionIQ: 'and' ("<C1> and <c2>") | 'random_forms' (train)
+  c.data.image_extensions = ("png", "jpg")  # FashionIQ image suffixes tried in order
+  c.data.pairs_per_image = 1       # Fashion200k / MIT-States training pairs drawn per image
+  c.data.mit_states_split = "tirg"  # 'tirg' (49 held-out nouns) | 'compositional' (pair split)
 
   c.model = ml_collections.ConfigDict()
   c.model.image_encoder = "resnet18"
@@ -64,12 +79,22 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.text_hidden_dim = 512
   c.model.separate_query_encoder = False
   c.model.init_scale = 4.0
+  c.model.learn_scale = True       # False: fixed scale init_scale (CLIP methods: the loss temperature scales)
+  c.model.frozen_image_encoder = False  # pretrained image tower as a fixed extractor (BN eval, no grad)
+  c.model.frozen_text_encoder = False
   c.model.dtype = "float32"
+  c.model.conv_impl = "auto"       # ResNet convs: 'auto' (matmul on CPU, native elsewhere) | 'xla' | 'matmul'
 
   c.loss = ml_collections.ConfigDict()
   c.loss.name = "soft_triplet"     # soft_triplet (K=2, Eq. 5) | batch_classification (K=B, Eq. 6)
+  #                                  | general_k (Eq. 4) | batch_hard_triplet
   c.loss.kernel = "neg_sq_l2"
   c.loss.negatives = "global"      # 'global': all devices' targets; 'local': this device's only
+  c.loss.k = 2                     # general_k (Eq. 4): set size K (one positive + K-1 negatives)
+  c.loss.m = 0                     # general_k: sets per query M; 0 = every C(n-1, K-1) set
+  c.loss.margin = 0.2              # batch_hard_triplet: margin on distances of scaled embeddings
+  c.loss.temperature = 0.01        # temperature_ce / ssn: tau (0.01 = CLIP's logit scale 100)
+  c.loss.kl_weight = 1.0           # ssn: lambda of Eq. 9 (configs/ssn_cirr.py uses 1/batch)
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = "sgd"
@@ -80,9 +105,64 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer.decay_steps = ()     # step boundaries where the rate is multiplied by decay_factor
   c.optimizer.decay_factor = 0.1
   c.optimizer.grad_clip_norm = 0.0  # 0 = off
+  c.optimizer.schedule = "step"    # 'step' (decay_steps) | 'linear' (to 0 at total_steps)
+  c.optimizer.total_steps = 0      # 'linear' schedule length
+  c.optimizer.freeze = ()          # regexes over param paths never updated, e.g. ('^image_encoder/',)
+  c.optimizer.lr_multipliers = ()  # ((regex, factor), ...): per-group learning rates
+  c.optimizer.freeze_after = ()    # regexes fixed from step freeze_after_steps on
+  c.optimizer.freeze_after_steps = 0
 
   c.eval = ml_collections.ConfigDict()
   c.eval.ks = (1, 5, 10, 50)
   c.eval.batch_size = 256
   c.eval.block_size = 1024
+  # 'exclude_ref' (reference removed from its ranking) | 'include_ref'; the first is the
+  # headline, the others are reported as '<variant>/R@K'.
+  c.eval.gallery_variants = ("exclude_ref",)
+  return c
+
+
+# Training-set sizes used to turn the papers' epochs into steps (triplets per epoch).
+CIRR_TRAIN_TRIPLETS = 28_225  # cap.rc2.train.json
+FASHIONIQ_TRAIN_TRIPLETS = 18_000  # dress 5985 + shirt 5988 + toptee 6027 (cap.*.train.json)
+
+
+def steps_per_epoch(num_examples: int, batch_size: int) -> int:
+  """Full batches in one pass over `num_examples` (PyTorch drop_last=True)."""
+  return max(1, num_examples // batch_size)
+
+
+def use_tiny_encoders(c, image_encoder: str, text_encoder: str, width: int = 32):
+  """Shrinks a pretrained-encoder config for tests: tiny towers, 32 px, batch 8, word vocab."""
+  c.model.image_encoder = image_encoder
+  c.model.text_encoder = text_encoder
+  c.model.embed_dim = width
+  c.data.image_size = 32
+  c.data.max_text_len = 16
+  c.data.tokenizer = "vocab"   # tiny towers have 99 ids; the word vocabulary of tests fits
+  c.init_from = c.init_from_image = c.init_from_text = ""
+  c.batch_size = 8
+  c.num_train_steps = 1
+  c.eval_every_steps = c.checkpoint_every_steps = c.log_every_steps = 1
+  c.eval.batch_size = 16
+  c.eval.block_size = 8
+  c.eval.ks = (1, 5, 10)
+  c.optimizer.decay_steps = ()
+  c.optimizer.freeze_after_steps = min(c.optimizer.freeze_after_steps, 1)
+  return c
+
+
+def cirr_pretrained_data(c, tokenizer: str, max_text_len: int):
+  """CIRR at 224 px (train on train, evaluate val) tokenised by a checkpoint's tokenizer.
+
+  `tokenizer` is the checkpoint directory holding the tokenizer files; '' falls
+  back to the word vocabulary (only meaningful for the tiny test towers).
+  """
+  c.data.name = "cirr"
+  c.data.image_size = 224
+  c.data.train_split = "train"
+  c.data.eval_split = "val"
+  c.data.max_text_len = max_text_len
+  c.data.tokenizer = tokenizer or "vocab"
+  c.eval.ks = (1, 5, 10, 50)
   return c

@@ -51,5 +51,7 @@ def test_sharded_step_equals_single_device(composer, loss):
 
 def test_unknown_loss_lists_valid_ones():
   config = fakes.tiny_config(**{"loss.name": "hinge"})
-  with pytest.raises(ValueError, match="valid losses: \\['batch_classification', 'soft_triplet'\\]"):
+  with pytest.raises(ValueError, match="valid losses: \\['batch_classification', "
+                     "'batch_hard_triplet', 'general_k', 'soft_triplet', 'ssn', "
+                     "'temperature_ce'\\]"):
     train.get_loss_fn(config.loss)

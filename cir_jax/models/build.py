@@ -1,23 +1,91 @@
-"""Builds the retrieval model named by a config (`config.model`)."""
+"""Builds the retrieval model named by a config (`config.model`).
+
+Encoders are chosen by name. `resnet*` / `lstm` are trained from scratch; the
+pretrained families (CLIP, HF-layout ResNet, BERT) are wrapped by
+`cir_jax.models.adapters` so every tower returns the same dict, and their
+weights come from `config.init_from` (see `cir_jax.init_from`). Pretrained text
+towers read ids of their own tokenizer (`config.data.tokenizer`), not of the
+word vocabulary.
+"""
 import dataclasses
+import functools
 from typing import Callable
 
 import jax.numpy as jnp
 
+from cir_jax.models import adapters
+from cir_jax.models import bert
+from cir_jax.models import clip
 from cir_jax.models import composers
+from cir_jax.models import hf_resnet
 from cir_jax.models import resnet
 from cir_jax.models import retrieval_model
 from cir_jax.models import text_lstm
 
+
+def _adapted(adapter_cls, preset):
+  """A factory (dtype, frozen) -> adapter around `preset(dtype=dtype)`."""
+  def make(dtype, frozen=False):
+    return adapter_cls(encoder=preset(dtype=dtype), frozen=frozen)
+  return make
+
+
+# Pretrained image towers: name -> factory(dtype, frozen) -> adapter.
+PRETRAINED_IMAGE_ENCODERS: dict[str, Callable] = {
+    "clip_vit_b32": _adapted(adapters.CLIPImageEncoder, clip.CLIPVisionB32),
+    "clip_vit_b16": _adapted(adapters.CLIPImageEncoder, clip.CLIPVisionB16),
+    "clip_vit_l14": _adapted(adapters.CLIPImageEncoder, clip.CLIPVisionL14),
+    # Tiny variants for tests; projection 32 = the text width, as in ViT-B (512/512).
+    "clip_vision_tiny": _adapted(adapters.CLIPImageEncoder,
+                                 functools.partial(clip.CLIPVisionTiny, projection_dim=32)),
+    "hf_resnet50": _adapted(adapters.HFResNetImageEncoder, hf_resnet.ResNet50),
+    "hf_resnet152": _adapted(adapters.HFResNetImageEncoder, hf_resnet.ResNet152),
+    "hf_resnet_tiny": _adapted(adapters.HFResNetImageEncoder, hf_resnet.ResNetTiny),
+}
+
+# name -> factory(dtype=...) -> module returning the image dict.
 IMAGE_ENCODERS: dict[str, Callable] = {
     "resnet18": resnet.ResNet18,
     "resnet34": resnet.ResNet34,
     "resnet_small": resnet.ResNetSmall,
     "resnet_tiny": resnet.ResNetTiny,
+    **PRETRAINED_IMAGE_ENCODERS,
 }
 
+# Pretrained text towers: name -> factory(dtype, frozen) (their vocabulary is fixed).
+PRETRAINED_TEXT_ENCODERS: dict[str, Callable] = {
+    "clip_text": _adapted(adapters.CLIPTextEncoder, clip.CLIPTextB),
+    "clip_text_l": _adapted(adapters.CLIPTextEncoder, clip.CLIPTextL),
+    "clip_text_tiny": _adapted(adapters.CLIPTextEncoder,
+                               functools.partial(clip.CLIPTextTiny, projection_dim=32)),
+    "bert_base": _adapted(adapters.BertTextEncoder, bert.BertBase),
+    "bert_tiny": _adapted(adapters.BertTextEncoder, bert.BertTiny),
+}
+
+
+def _lstm(model_config, vocab_size, dtype, frozen):
+  del dtype
+  if frozen:
+    raise ValueError("model.frozen_text_encoder is only for pretrained text encoders")
+  return text_lstm.LSTMTextEncoder(vocab_size=vocab_size, word_dim=model_config.word_dim,
+                                   hidden_dim=model_config.text_hidden_dim,
+                                   out_dim=model_config.embed_dim)
+
+
+def _pretrained_text(name, model_config, vocab_size, dtype, frozen):
+  del model_config
+  module = PRETRAINED_TEXT_ENCODERS[name](dtype=dtype, frozen=frozen)
+  if vocab_size > module.encoder.vocab_size:
+    raise ValueError(f"model.text_encoder={name!r} has {module.encoder.vocab_size} token ids but "
+                     f"the tokenizer has {vocab_size}; set data.tokenizer to this model's "
+                     f"tokenizer directory (data.tokenizer='vocab' is for the LSTM)")
+  return module
+
+
+# name -> factory(model_config, vocab_size, dtype, frozen) -> module returning the text dict.
 TEXT_ENCODERS: dict[str, Callable] = {
-    "lstm": text_lstm.LSTMTextEncoder,
+    "lstm": _lstm,
+    **{name: functools.partial(_pretrained_text, name) for name in PRETRAINED_TEXT_ENCODERS},
 }
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -31,14 +99,34 @@ def _pick(table, kind, name):
 
 def build_image_encoder(model_config):
   dtype = _pick(DTYPES, "dtype", model_config.dtype)
-  return _pick(IMAGE_ENCODERS, "image encoder", model_config.image_encoder)(dtype=dtype)
+  factory = _pick(IMAGE_ENCODERS, "image encoder", model_config.image_encoder)
+  if model_config.get("frozen_image_encoder", False):
+    if model_config.image_encoder not in PRETRAINED_IMAGE_ENCODERS:
+      raise ValueError(f"model.frozen_image_encoder needs a pretrained image encoder "
+                       f"{sorted(PRETRAINED_IMAGE_ENCODERS)}, not {model_config.image_encoder!r}")
+    return factory(dtype=dtype, frozen=True)
+  if model_config.image_encoder in PRETRAINED_IMAGE_ENCODERS:
+    return factory(dtype=dtype)
+  return factory(dtype=dtype, conv_impl=model_config.get("conv_impl", "auto"))
+
+
+def check_tokenizer(model_config, tokenizer: str):
+  """A full-size pretrained text tower must read its own tokenizer's ids (data.tokenizer)."""
+  name = model_config.text_encoder
+  if name in PRETRAINED_TEXT_ENCODERS and not name.endswith("_tiny") and tokenizer == "vocab":
+    raise ValueError(f"model.text_encoder={name!r} reads the ids of its checkpoint's tokenizer: "
+                     f"set data.tokenizer to the checkpoint directory (e.g. the init_from "
+                     f"directory), not 'vocab'")
+
+
+def build_text_encoder(model_config, vocab_size: int):
+  dtype = _pick(DTYPES, "dtype", model_config.dtype)
+  factory = _pick(TEXT_ENCODERS, "text encoder", model_config.text_encoder)
+  return factory(model_config, vocab_size, dtype, model_config.get("frozen_text_encoder", False))
 
 
 def build_model(model_config, vocab_size: int) -> retrieval_model.RetrievalModel:
-  """Returns the RetrievalModel of `model_config` for a vocabulary of `vocab_size` words."""
-  text_encoder = _pick(TEXT_ENCODERS, "text encoder", model_config.text_encoder)(
-      vocab_size=vocab_size, word_dim=model_config.word_dim,
-      hidden_dim=model_config.text_hidden_dim, out_dim=model_config.embed_dim)
+  """Returns the RetrievalModel of `model_config` for a tokenizer of `vocab_size` ids."""
   if model_config.composer not in composers.COMPOSERS:
     composers.get_composer(model_config.composer)  # raises with the list of valid names
   composer_cls = composers.COMPOSERS[model_config.composer]
@@ -52,10 +140,11 @@ def build_model(model_config, vocab_size: int) -> retrieval_model.RetrievalModel
                      f"it takes {sorted(field_names - {'parent', 'name'})}")
   return retrieval_model.RetrievalModel(
       image_encoder=build_image_encoder(model_config),
-      text_encoder=text_encoder,
+      text_encoder=build_text_encoder(model_config, vocab_size),
       composer=composers.get_composer(model_config.composer, **kwargs),
       embed_dim=model_config.embed_dim,
       query_image_encoder=(build_image_encoder(model_config)
                            if model_config.separate_query_encoder else None),
       init_scale=model_config.init_scale,
+      learn_scale=model_config.get("learn_scale", True),
   )

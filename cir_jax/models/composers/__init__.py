@@ -10,11 +10,28 @@ A composer may also set `modulates_backbone = True` and provide
 `backbone_modulation(text, train)` returning a `modulate(stage, x)` hook for the
 image encoder (FiLM).
 
+Composers over pretrained towers read the adapters' keys (cir_jax/models/adapters.py:
+image 'tokens', 'projected'; text 'projected'). A composer that defines
+`encode_target(image, train) -> [B, d]` owns the target side (the retrieval
+model then adds no 'embedding' head); one with `joint_text_image = True` and
+`image_tokens(image, train) -> [B, E, H]` has the text encoder read the image as
+extra tokens (CIRPLANT). Extra query branches go in aux under keys ending in
+'_query' (normalised like the query; SSN's 'negative_query' feeds its loss).
+
 Choose one by name with `get_composer(name, **kwargs)`.
 """
 from typing import Callable
 
+from cir_jax.models.composers import attribute_operator
 from cir_jax.models.composers import basic
+from cir_jax.models.composers import cirplant
+from cir_jax.models.composers import combiner
+from cir_jax.models.composers import film
+from cir_jax.models.composers import mrn
+from cir_jax.models.composers import param_hashing
+from cir_jax.models.composers import relationship
+from cir_jax.models.composers import show_and_tell
+from cir_jax.models.composers import ssn
 from cir_jax.models.composers import tirg
 
 COMPOSERS: dict[str, Callable] = {
@@ -23,6 +40,17 @@ COMPOSERS: dict[str, Callable] = {
     "concat": basic.Concat,
     "tirg": tirg.TIRG,
     "tirg_lastconv": tirg.TIRGLastConv,
+    # The other compositions the TIRG paper compares (section 3.1, Tables 1-4).
+    "show_and_tell": show_and_tell.ShowAndTell,
+    "attribute_operator": attribute_operator.AttributeOperator,
+    "param_hashing": param_hashing.ParamHashing,
+    "relationship": relationship.Relationship,
+    "mrn": mrn.MRN,
+    "film": film.FiLM,
+    # Pretrained-encoder methods: CLIP4Cir's Combiner, SSN and CIRPLANT.
+    "combiner": combiner.Combiner,
+    "ssn": ssn.SSN,
+    "cirplant": cirplant.CIRPLANT,
 }
 
 

@@ -1,0 +1,45 @@
+"""CLIP4Cir's Combiner (the "Baseline" of the SSN paper) on CIRR.
+
+Stage 2 of CLIP4Cir: the CLIP towers are fixed feature extractors (initialise
+them from the stage-1 fine-tuned CLIP, or from the original CLIP for the
+SSN-paper Baseline), the Combiner is trained with Adam (AdamW without decay)
+lr 2e-5, batch 4096, 300 epochs, cross-entropy with logit scale 100
+(CLIP4Cir's README command; its widths: projection 4x, hidden 8x the CLIP width).
+ViT-B/32, the SSN paper's backbone:
+  python -m cir_jax.train --config configs/combiner_cirr.py:init_from=/ckpt/clip-vit-base-patch32 \
+      --config.data.manual_dir=/path/to/cirr --workdir runs/combiner_cirr
+Tests use `:tiny` (tiny random towers, 32 px).
+"""
+from configs import common
+
+
+def get_config(arg=None):
+  arg = common.parse_arg(arg, init_from="", tiny=False, steps=0)
+  c = common.base_config()
+  common.cirr_pretrained_data(c, arg.init_from, max_text_len=77)
+  c.init_from = arg.init_from
+  c.model.image_encoder = "clip_vit_b32"
+  c.model.text_encoder = "clip_text"
+  c.model.composer = "combiner"
+  c.model.embed_dim = 512
+  c.model.frozen_image_encoder = True   # stage 2: CLIP features are fixed
+  c.model.frozen_text_encoder = True
+  c.model.learn_scale = False
+  c.model.init_scale = 1.0
+  c.loss.name = "temperature_ce"
+  c.loss.temperature = 0.01
+  c.optimizer.name = "adamw"
+  c.optimizer.learning_rate = 2e-5
+  c.optimizer.weight_decay = 0.0        # CLIP4Cir uses torch.optim.Adam
+  c.optimizer.freeze = ("^image_encoder/", "^text_encoder/")
+  c.batch_size = 4096
+  epoch = common.steps_per_epoch(common.CIRR_TRAIN_TRIPLETS, c.batch_size)
+  c.num_train_steps = 300 * epoch
+  c.eval_every_steps = 5 * epoch
+  c.checkpoint_every_steps = 5 * epoch
+  c.log_every_steps = epoch
+  if arg.tiny:
+    common.use_tiny_encoders(c, "clip_vision_tiny", "clip_text_tiny")
+  if arg.steps:
+    c.num_train_steps = arg.steps
+  return c

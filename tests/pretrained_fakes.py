@@ -1,0 +1,161 @@
+"""Generated data and tiny checkpoints for the pretrained-encoder methods (SSN, Combiner, CIRPLANT).
+
+* `cirr_like_split`: a split in CIRR's shape: images in sets of six near-duplicates,
+  each query's reference and target in one set, `candidates` = the set minus the
+  reference, every image its own label, and texts that name the target's
+  "colour" (so the target is learnable from reference + text).
+* `use_split`: points a config's dataset at generated splits (patches the registry).
+* `run_steps`: a few train steps on a mesh of the first `devices` devices.
+* `tiny_clip_checkpoint` / `bert_tokenizer_dir`: save_pretrained directories.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cir_jax import evaluate as evaluate_lib
+from cir_jax import optim
+from cir_jax import sharding
+from cir_jax import train
+from cir_jax import train_state
+from cir_jax.data import pipeline
+from cir_jax.data import registry
+from cir_jax.data.tables import RetrievalSplit
+from cir_jax.data.tokenizer_vocab import TokenizerVocabulary
+from cir_jax.data.vocab import Vocabulary
+from cir_jax.models import build
+
+COLOURS = ("red", "green", "blue", "yellow", "white", "black")
+SET_SIZE = 6
+
+
+def cirr_like_split(num_sets=4, queries_per_set=6, image_size=32, seed=0,
+                    name="fake_cirr/train") -> RetrievalSplit:
+  """Sets of 6 images sharing a random background, member k tinted with colour k."""
+  rng = np.random.default_rng(seed)
+  palette = np.array([[220, 30, 30], [30, 200, 30], [30, 30, 220], [220, 220, 30],
+                      [235, 235, 235], [15, 15, 15]], np.float32)
+  images = []
+  for _ in range(num_sets):
+    background = rng.uniform(0, 255, (image_size, image_size, 3))
+    for k in range(SET_SIZE):
+      image = background.copy()
+      image[image_size // 4: 3 * image_size // 4, image_size // 4: 3 * image_size // 4] = palette[k]
+      images.append(np.clip(image + rng.normal(0, 8, image.shape), 0, 255))
+  images = np.asarray(images, np.uint8)
+  ref, tgt, texts, cands = [], [], [], []
+  for s in range(num_sets):
+    for _ in range(queries_per_set):
+      r, t = rng.choice(SET_SIZE, 2, replace=False)
+      ref.append(s * SET_SIZE + r)
+      tgt.append(s * SET_SIZE + t)
+      texts.append(f"make it {COLOURS[t]}")
+      cands.append([s * SET_SIZE + k for k in range(SET_SIZE) if k != r])
+  g = len(images)
+  return RetrievalSplit(
+      name=name, images=images, image_labels=np.arange(g, dtype=np.int64),
+      image_ids=[f"img{i}" for i in range(g)], ref_index=np.asarray(ref, np.int64),
+      target_index=np.asarray(tgt, np.int64), target_label=np.asarray(tgt, np.int64),
+      texts=texts, candidates=np.asarray(cands, np.int64),
+      query_ids=[str(i) for i in range(len(ref))]).validate()
+
+
+def use_split(monkeypatch, config, train_split, eval_split=None):
+  """Makes `config.data.name` load the given generated splits."""
+  eval_split = eval_split or train_split
+
+  def load(data_config, split, log):
+    del data_config, log
+    return train_split if split == config.data.train_split else eval_split
+
+  monkeypatch.setitem(registry.LOADERS, config.data.name, load)
+
+
+def make_vocab(config, split):
+  """The word vocabulary of `split`, or the tokenizer of config.data.tokenizer."""
+  if config.data.tokenizer == "vocab":
+    return Vocabulary.build(split.texts)
+  return TokenizerVocabulary(config.data.tokenizer)
+
+
+def run_steps(config, split, devices, steps=2, evaluate=False):
+  """Trains `steps` steps on the first `devices` devices.
+
+  Returns:
+    (losses [steps], final state on the host, model), plus with `evaluate` the
+    gallery metrics of `split` (via the registry, see `use_split`) before and
+    after training.
+  """
+  mesh = sharding.make_mesh(jax.devices()[:devices])
+  vocab = make_vocab(config, split)
+  data = pipeline.TrainPipeline(split, vocab, config.data.max_text_len, config.batch_size, mesh,
+                                config.seed, config.data.image_size)
+  model = build_model(config, vocab)
+  example = {k: jax.ShapeDtypeStruct((config.batch_size,) + v.shape[1:], v.dtype)
+             for k, v in next(data.dataset(0).as_numpy_iterator()).items()}
+  shapes = jax.eval_shape(lambda: model.init(
+      {"params": jax.random.key(0), "dropout": jax.random.key(0)},
+      {k: jnp.zeros(v.shape, v.dtype) for k, v in example.items()}))["params"]
+  tx = optim.make_optimizer(config.optimizer, shapes)
+  state = train_state.create_train_state(model, tx, example, config.seed, mesh)
+  evaluator = before = None
+  if evaluate:
+    evaluator = evaluate_lib.Evaluator(config, model, vocab, mesh, log=lambda *_: None)
+    before = evaluator.evaluate({"params": state.params,
+                                 "batch_stats": state.batch_stats})["metrics"]
+  step_fn = train.make_train_step(model, tx, config.loss, mesh)
+  batches, losses = data.batches(0), []
+  for _ in range(steps):
+    state, metrics = step_fn(state, next(batches))
+    losses.append(float(metrics["loss"]))
+  if evaluate:
+    after = evaluator.evaluate({"params": state.params, "batch_stats": state.batch_stats})
+    return np.array(losses), jax.device_get(state), model, before, after["metrics"]
+  return np.array(losses), jax.device_get(state), model
+
+
+def assert_sharded_equals_single(config, steps=2):
+  """Two SGD steps on 1 and on 8 devices give the same losses and params.
+
+  SGD because Adam would blow float noise on exactly-zero gradients (attention
+  key biases) up to +-lr and hide the comparison; the model and loss are tested.
+  """
+  config.optimizer.name, config.optimizer.learning_rate = "sgd", 0.1
+  split = cirr_like_split(num_sets=3)
+  losses_1, state_1, _ = run_steps(config, split, devices=1, steps=steps)
+  losses_8, state_8, _ = run_steps(config, split, devices=8, steps=steps)
+  np.testing.assert_allclose(losses_8, losses_1, atol=1e-5, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(state_1.params), jax.tree.leaves(state_8.params)):
+    np.testing.assert_allclose(b, a, atol=1e-5, rtol=1e-5)
+  assert losses_1[0] != losses_1[1]  # the params really moved
+
+
+def build_model(config, vocab):
+  return build.build_model(config.model, len(vocab))
+
+
+def tiny_clip_checkpoint(directory, hidden=32, seed=0):
+  """A random transformers CLIPModel matching 'clip_vision_tiny' / 'clip_text_tiny'."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(seed)
+  config = transformers.CLIPConfig(
+      text_config=dict(vocab_size=99, hidden_size=hidden, intermediate_size=37,
+                       num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=16,
+                       bos_token_id=97, eos_token_id=98, pad_token_id=98),
+      vision_config=dict(hidden_size=hidden, intermediate_size=37, num_hidden_layers=2,
+                         num_attention_heads=4, image_size=32, patch_size=8),
+      projection_dim=32)
+  model = transformers.CLIPModel(config).eval()
+  model.save_pretrained(directory)
+  return str(directory), model
+
+
+def bert_tokenizer_dir(directory, words=()):
+  """A tiny uncased WordPiece tokenizer knowing the words of the generated texts."""
+  import transformers  # pylint: disable=g-import-not-at-top
+  vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "make", "it", *COLOURS, *words]
+  (directory / "vocab.txt").write_text("\n".join(vocab) + "\n")
+  transformers.BertTokenizer(vocab=str(directory / "vocab.txt"),
+                             do_lower_case=True).save_pretrained(directory)
+  return str(directory)
+
