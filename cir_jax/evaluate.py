@@ -191,14 +191,7 @@ def evaluate_workdir(config, workdir) -> dict:
   return results
 
 
-def main(argv):
-  del argv
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  evaluate_workdir(flags.FLAGS.config, flags.FLAGS.workdir)
-
 
 if __name__ == "__main__":
-  from absl import app  # pylint: disable=g-import-not-at-top
   from cir_jax.utils import flags as flags_lib  # pylint: disable=g-import-not-at-top
-  flags_lib.define_flags()
-  app.run(main)
+  flags_lib.run(evaluate_workdir)

@@ -255,14 +255,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   return results
 
 
-def main(argv):
-  del argv
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
-
 
 if __name__ == "__main__":
-  from absl import app  # pylint: disable=g-import-not-at-top
   from cir_jax.utils import flags as flags_lib  # pylint: disable=g-import-not-at-top
-  flags_lib.define_flags()
-  app.run(main)
+  flags_lib.run(train_and_evaluate)

@@ -8,3 +8,11 @@ def define_flags():
       "config", None, "Experiment config file, e.g. configs/tirg_css.py[:arg].", lock_config=True)
   flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
   flags.mark_flags_as_required(["config", "workdir"])
+
+
+def run(fn):
+  """Defines the flags and runs `fn(config, workdir)` as an absl app (the `__main__` of
+  cir_jax.train and cir_jax.evaluate)."""
+  from absl import app  # pylint: disable=g-import-not-at-top
+  define_flags()
+  app.run(lambda argv: fn(flags.FLAGS.config, flags.FLAGS.workdir))
