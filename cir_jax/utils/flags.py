@@ -15,4 +15,9 @@ def run(fn):
   cir_jax.train and cir_jax.evaluate)."""
   from absl import app  # pylint: disable=g-import-not-at-top
   define_flags()
-  app.run(lambda argv: fn(flags.FLAGS.config, flags.FLAGS.workdir))
+
+  def main(argv):
+    del argv
+    fn(flags.FLAGS.config, flags.FLAGS.workdir)  # absl would sys.exit() a returned value
+
+  app.run(main)
