@@ -40,21 +40,6 @@ class ConvLayer(nn.Module):
     return nn.relu(x) if self.activation else x
 
 
-class ShortCut(nn.Module):
-  """1x1 projection + BatchNorm on the residual path (HF ResNetShortCut)."""
-  features: int
-  stride: int = 2
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, train: bool = False):
-    """[B, H, W, C] -> [B, H / stride, W / stride, features]."""
-    x = conv_lib.Conv(self.features, (1, 1), (self.stride, self.stride), padding="VALID",
-                use_bias=False, dtype=self.dtype, param_dtype=jnp.float32, name="convolution")(x)
-    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                        dtype=self.dtype, param_dtype=jnp.float32, name="normalization")(x)
-
-
 class BottleNeckLayer(nn.Module):
   """1x1 reduce -> 3x3 -> 1x1 expand, plus (projected) residual, ReLU."""
   features: int
@@ -68,7 +53,9 @@ class BottleNeckLayer(nn.Module):
     """[B, H, W, C] -> [B, H / stride, W / stride, features]."""
     residual = x
     if x.shape[-1] != self.features or self.stride != 1:
-      residual = ShortCut(self.features, self.stride, dtype=self.dtype, name="shortcut")(x, train)
+      # HF ResNetShortCut: 1x1 projection + BatchNorm, no activation.
+      residual = ConvLayer(self.features, 1, self.stride, activation=False, dtype=self.dtype,
+                           name="shortcut")(x, train)
     reduced = self.features // self.reduction
     first_stride = self.stride if self.downsample_in_bottleneck else 1
     y = ConvLayer(reduced, 1, first_stride, dtype=self.dtype, name="layer_0")(x, train)
@@ -89,7 +76,9 @@ class BasicLayer(nn.Module):
     """[B, H, W, C] -> [B, H / stride, W / stride, features]."""
     residual = x
     if x.shape[-1] != self.features or self.stride != 1:
-      residual = ShortCut(self.features, self.stride, dtype=self.dtype, name="shortcut")(x, train)
+      # HF ResNetShortCut: 1x1 projection + BatchNorm, no activation.
+      residual = ConvLayer(self.features, 1, self.stride, activation=False, dtype=self.dtype,
+                           name="shortcut")(x, train)
     y = ConvLayer(self.features, 3, self.stride, dtype=self.dtype, name="layer_0")(x, train)
     y = ConvLayer(self.features, 3, activation=False, dtype=self.dtype, name="layer_1")(y, train)
     return nn.relu(y + residual)
