@@ -38,6 +38,11 @@ def test_resnet_params_are_shared_between_lowerings():
 
 
 def test_auto_and_unknown_impl():
-  assert conv.resolve_conv_impl("auto") == ("matmul" if jax.default_backend() == "cpu" else "xla")
+  on_cpu = jax.default_backend() == "cpu"
+  assert conv.resolve_conv_impl("auto") == ("matmul" if on_cpu else "xla")
+  assert conv.resolve_conv_impl("auto", 64 * 64) == ("matmul" if on_cpu else "xla")
+  assert conv.resolve_conv_impl("auto", 128 * 128) == ("matmul" if on_cpu else "xla")
+  assert conv.resolve_conv_impl("auto", 224 * 224) == "xla"
+  assert conv.resolve_conv_impl("matmul", 224 * 224) == "matmul"
   with pytest.raises(ValueError, match="unknown conv_impl 'fft'; valid: \\['auto', 'xla', 'matmul'\\]"):
     conv.resolve_conv_impl("fft")

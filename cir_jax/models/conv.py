@@ -5,25 +5,31 @@ fraction of its matmul speed: on the 2-core dev machine a ResNet-18 forward at
 64 px runs ~11 GFLOP/s native vs ~90 GFLOP/s for a plain matmul. Lowering each
 convolution to shifted strided slices, one concatenation and one matmul keeps
 the arithmetic on the fast path, and the transposes (for the backward pass) are
-pads and adds. On GPU/TPU the native convolution is the fast one, so 'auto'
-picks the matmul lowering only on CPU. Both lowerings have the same parameters
+pads and adds. At 224 px the picture flips: the native lowering is faster
+(ResNet-18 TIRG train step, batch 32: 3.46 vs 2.67 examples/s) and the im2col
+buffers cost 2.4x the memory. On GPU/TPU the native convolution is the fast
+one. So 'auto' picks the matmul lowering only on CPU and only for images below
+`AUTO_MATMUL_MAX_PIXELS` (docs/benchmarks.md has the measurements). Both lowerings have the same parameters
 ('kernel' [kh, kw, C_in, C_out], optional 'bias'), so checkpoints are shared.
 """
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 CONV_IMPLS = ("auto", "xla", "matmul")
+AUTO_MATMUL_MAX_PIXELS = 128 * 128   # CPU: matmul up to 128 px images, native above
 
 
-def resolve_conv_impl(conv_impl: str) -> str:
-  """'auto' -> 'matmul' on the CPU backend, 'xla' elsewhere."""
+def resolve_conv_impl(conv_impl: str, image_pixels: Optional[int] = None) -> str:
+  """'auto' -> 'matmul' on the CPU backend for images of <= AUTO_MATMUL_MAX_PIXELS
+  (H * W of the network input; None = small), 'xla' otherwise."""
   if conv_impl not in CONV_IMPLS:
     raise ValueError(f"unknown conv_impl {conv_impl!r}; valid: {list(CONV_IMPLS)}")
   if conv_impl == "auto":
-    return "matmul" if jax.default_backend() == "cpu" else "xla"
+    small = image_pixels is None or image_pixels <= AUTO_MATMUL_MAX_PIXELS
+    return "matmul" if jax.default_backend() == "cpu" and small else "xla"
   return conv_impl
 
 

@@ -47,7 +47,8 @@ class ResNet(nn.Module):
     num_filters: channels of the first stage (doubled at each later stage).
     dtype: compute dtype (params stay float32).
     conv_impl: 'auto' | 'xla' | 'matmul' (see cir_jax/models/conv.py; 'auto' lowers
-      convolutions to matmuls on CPU, where XLA's native convolutions are slow).
+      convolutions to matmuls on CPU for images up to 128 px, where XLA's native
+      convolutions are slow).
   """
   stage_sizes: Sequence[int]
   num_filters: int = 64
@@ -70,16 +71,17 @@ class ResNet(nn.Module):
     """
     norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
                              epsilon=1e-5, dtype=self.dtype)
+    conv_impl = conv_lib.resolve_conv_impl(self.conv_impl, images.shape[1] * images.shape[2])
     x = images.astype(self.dtype)
     x = conv_lib.Conv(self.num_filters, (7, 7), (2, 2), padding=((3, 3), (3, 3)), use_bias=False,
-                      dtype=self.dtype, conv_impl=self.conv_impl, name="stem_conv")(x)
+                      dtype=self.dtype, conv_impl=conv_impl, name="stem_conv")(x)
     x = nn.relu(norm(name="stem_norm")(x))
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     for stage, num_blocks in enumerate(self.stage_sizes):
       for block in range(num_blocks):
         strides = 2 if stage > 0 and block == 0 else 1
         x = BasicBlock(self.num_filters * 2**stage, strides=strides, norm=norm,
-                       dtype=self.dtype, conv_impl=self.conv_impl,
+                       dtype=self.dtype, conv_impl=conv_impl,
                        name=f"stage{stage}_block{block}")(x)
       if modulate is not None:
         x = modulate(stage, x)
