@@ -1,9 +1,23 @@
-"""Test set-up: 8 fake CPU devices for sharding tests, quiet TensorFlow."""
+"""Test set-up: 8 fake CPU devices, one compilation cache for the session, quiet TensorFlow."""
+import atexit
 import os
+import shutil
+import tempfile
 
 # Must happen before jax is imported anywhere.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# Compile time dominates this suite: many tests (and the trainer subprocesses of the
+# resume / preemption / multi-host tests, which inherit the environment) compile the
+# same programs again. A persistent cache shared by the whole session, emptied at
+# exit, lets each distinct program compile once. Results are unaffected: a hit
+# returns the executable XLA built for the identical program.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _CACHE = tempfile.mkdtemp(prefix="cir_jax_test_jit_cache_")
+  atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
 import pathlib
 

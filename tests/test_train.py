@@ -37,7 +37,7 @@ def run_steps(config, split, devices, steps=3):
 @pytest.mark.parametrize("composer,loss", [("tirg_lastconv", "soft_triplet"),
                                            ("concat", "batch_classification")])
 def test_sharded_step_equals_single_device(composer, loss):
-  config = fakes.tiny_config(composer, **{"loss.name": loss})
+  config = fakes.tiny_config(composer, **{"loss.name": loss, "model.conv_impl": "auto"})
   if loss == "batch_classification":
     config.loss.kernel = "dot"
   split = fakes.random_split(num_queries=40)
