@@ -70,7 +70,9 @@ def soft_triplet_loss(query: jax.Array,
                       candidates: jax.Array,
                       positive_index: jax.Array,
                       kernel: str = 'neg_sq_l2',
-                      weights: Optional[jax.Array] = None) -> jax.Array:
+                      weights: Optional[jax.Array] = None,
+                      set_negatives: Optional[jax.Array] = None,
+                      set_negative_mask: Optional[jax.Array] = None) -> jax.Array:
   """Soft triplet loss, TIRG Eq. 5 (Eq. 4 with K=2 and M=n-1).
 
   L = 1/(M b) sum_i sum_{j != pos_i} log(1 + exp(k(psi_i, phi_j) -
@@ -91,6 +93,12 @@ def soft_triplet_loss(query: jax.Array,
     kernel: 'neg_sq_l2' (google/tirg's choice) or 'dot'.
     weights: optional [b] non-negative per-query weights (e.g. 0 for padded
       queries); the result is the weighted mean over anchors.
+    set_negatives: optional [b, S, d] extra negatives of each query alone (CIRR:
+      the members of the query's image set, CIRPLANT section 4), each one more
+      triplet for its anchor: anchor i averages over its n - 1 + S_i negatives,
+      S_i = the number of valid members.
+    set_negative_mask: [b, S] bool, which `set_negatives` are real (padding and
+      any member that is the query's target are False).
 
   Returns:
     Scalar float32 loss.
@@ -99,11 +107,20 @@ def soft_triplet_loss(query: jax.Array,
   if n < 2:
     raise ValueError(f'soft_triplet_loss needs n >= 2 candidates, got {n}')
   logits = similarity(query, candidates, kernel)
-  diff = logits - _positive_scores(logits, positive_index)[:, None]
+  positive = _positive_scores(logits, positive_index)
   # softplus(x) = log(1 + exp(x)) without overflow for large margins.
-  terms = jax.nn.softplus(diff)
+  terms = jax.nn.softplus(logits - positive[:, None])
   not_positive = jnp.arange(n)[None, :] != positive_index[:, None]
-  per_anchor = jnp.sum(jnp.where(not_positive, terms, 0.0), axis=1) / (n - 1)
+  total = jnp.sum(jnp.where(not_positive, terms, 0.0), axis=1)
+  count = jnp.full(total.shape, n - 1, jnp.float32)
+  if set_negatives is not None:
+    if set_negative_mask is None:
+      raise ValueError('soft_triplet_loss: set_negatives needs set_negative_mask')
+    extra = jax.vmap(lambda q, e: similarity(q[None], e, kernel)[0])(query, set_negatives)
+    extra_terms = jax.nn.softplus(extra - positive[:, None])
+    total += jnp.sum(jnp.where(set_negative_mask, extra_terms, 0.0), axis=1)
+    count += jnp.sum(set_negative_mask, axis=1).astype(jnp.float32)
+  per_anchor = total / count
   if weights is None:
     return jnp.mean(per_anchor)
   weights = weights.astype(jnp.float32)

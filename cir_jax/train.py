@@ -55,7 +55,8 @@ _LOSS_OPTIONS = {
     "ssn": lambda c: {"temperature": c.temperature, "kl_weight": c.kl_weight},
 }
 # Per-query inputs a loss reads from the model's aux (sharded like the queries).
-_LOSS_QUERY_INPUTS = {"ssn": ("negative_query",)}
+_LOSS_QUERY_INPUTS = {"ssn": ("negative_query",),
+                      "soft_triplet": ("set_negatives", "set_negative_mask")}
 # Losses that sample (Eq. 4's sets) and take an `rng`, derived from the step's rng.
 LOSSES_WITH_RNG = ("general_k",)
 IN_BATCH_KS = (1, 5, 10)
@@ -154,9 +155,13 @@ def setup(config, workdir, log):
   build_lib.check_tokenizer(config.model, config.data.get("tokenizer", "vocab"))
   vocab = load_vocabulary(train_split, workdir, config.data.get("tokenizer", "vocab"))
   model = build_lib.build_model(config.model, len(vocab))
+  if config.loss.get("set_negatives", 0) and config.loss.name != "soft_triplet":
+    raise ValueError(f"loss.set_negatives={config.loss.set_negatives} is read only by the "
+                     f"soft_triplet loss, not by loss.name={config.loss.name!r}")
   train_data = pipeline.TrainPipeline(train_split, vocab, config.data.max_text_len,
                                       config.batch_size, mesh, config.seed,
-                                      config.data.image_size, log=log)
+                                      config.data.image_size, log=log,
+                                      set_negatives=config.loss.get("set_negatives", 0))
   example = next(iter(train_data.dataset(0).take(1).as_numpy_iterator()))
   example = {k: jax.ShapeDtypeStruct((config.batch_size,) + v.shape[1:], v.dtype)
              for k, v in example.items()}

@@ -2,7 +2,8 @@
 
 ImageNet ResNet-152 pooled features (fixed) -> learned FC + L2 norm -> one image
 token after the BERT text tokens; the output at that token is the query; soft
-triplet loss with squared L2 distance (TIRG Eq. 5); AdamW lr 1e-5 with a linear
+triplet loss with squared L2 distance (TIRG Eq. 5), in-batch negatives plus each
+query's image-set members (loss.set_negatives); AdamW lr 1e-5 with a linear
 decay to 0 and no warm-up, weight decay 0.05 and max 40 text tokens (the authors'
 run script), batch 32, 300 epochs. The transformer starts from a BERT-layout
 checkpoint (the paper uses OSCAR base-vg-labels; any BertModel directory fits),
@@ -31,6 +32,9 @@ def get_config(arg=None):
   c.model.learn_scale = True
   c.loss.name = "soft_triplet"
   c.loss.kernel = "neg_sq_l2"
+  # "random negatives, with the image-set members as extra negatives": CIRR's img_set
+  # has 6 images, minus the reference and the target leaves 4 per query.
+  c.loss.set_negatives = 4
   c.optimizer.name = "adamw"
   c.optimizer.learning_rate = 1e-5
   c.optimizer.weight_decay = 0.05

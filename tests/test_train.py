@@ -20,7 +20,8 @@ def run_steps(config, split, devices, steps=3):
   mesh = sharding.make_mesh(jax.devices()[:devices])
   vocab = Vocabulary.build(split.texts)
   data = pipeline.TrainPipeline(split, vocab, 8, config.batch_size, mesh, config.seed,
-                                config.data.image_size)
+                                config.data.image_size,
+                                set_negatives=config.loss.get("set_negatives", 0))
   model = build.build_model(config.model, len(vocab))
   tx = optim.make_optimizer(config.optimizer)
   example = {k: jax.ShapeDtypeStruct((config.batch_size,) + v.shape[1:], v.dtype)

@@ -117,12 +117,36 @@ def epoch_permutation(seed: int, epoch, size: int):
   return tf.argsort(noise, stable=True)
 
 
+def set_negative_rows(split: RetrievalSplit, size: int) -> np.ndarray:
+  """int64 [Q, size]: each query's image-set members that are neither its reference nor
+  in its target set, -1 padded (the extra negatives of CIRPLANT's training, CIRR)."""
+  if split.candidates is None:
+    raise ValueError(f"{split.name} has no image sets (RetrievalSplit.candidates), so "
+                     f"loss.set_negatives={size} cannot be used; set it to 0")
+  candidates = np.asarray(split.candidates, np.int64)
+  labels = np.asarray(split.image_labels)
+  valid = candidates >= 0
+  valid &= candidates != np.asarray(split.ref_index)[:, None]
+  valid &= labels[np.maximum(candidates, 0)] != np.asarray(split.target_label)[:, None]
+  rows = np.full((len(candidates), size), -1, np.int64)
+  for i, (row, ok) in enumerate(zip(candidates, valid)):
+    members = row[ok][:size]
+    rows[i, :len(members)] = members
+  return rows
+
+
 class TrainPipeline:
   """Yields training batches: dict of global arrays 'ref_image', 'target_image',
-  'text_ids', 'text_mask' (leading dim = global batch, sharded over 'data')."""
+  'text_ids', 'text_mask' (leading dim = global batch, sharded over 'data').
+
+  With `set_negatives` = S > 0 also 'set_negative_images' uint8 [B, S, H, W, 3] and
+  'set_negative_mask' bool [B, S]: the first S members of each query's image set
+  (`split.candidates`, CIRR's img_set minus the reference) other than its target,
+  in gallery order, padded (mask False) to S.
+  """
 
   def __init__(self, split: RetrievalSplit, vocab: Vocabulary, max_len: int, global_batch: int,
-               mesh, seed: int, image_size: int, log=print):
+               mesh, seed: int, image_size: int, log=print, set_negatives: int = 0):
     self.split = split.validate()
     self.mesh = mesh
     self.global_batch = global_batch
@@ -134,6 +158,9 @@ class TrainPipeline:
     self.target_index = tf.constant(np.asarray(split.target_index, np.int64))
     if (np.asarray(split.ref_index) < 0).any() or (np.asarray(split.target_index) < 0).any():
       raise ValueError(f"{split.name}: training queries need a reference and a target image")
+    self.set_negatives = None
+    if set_negatives:
+      self.set_negatives = tf.constant(set_negative_rows(split, set_negatives))
     self.targets = _ImageSource(split.images, split.image_paths, image_size)
     self.refs = (self.targets if split.query_images is None
                  else _ImageSource(split.query_images, None, image_size))
@@ -156,12 +183,19 @@ class TrainPipeline:
 
     def load(step):
       q = _process_slice(self.step_indices(step), self.local_batch)
-      return {
+      batch = {
           "ref_image": self.refs.load(tf.gather(self.ref_index, q)),
           "target_image": self.targets.load(tf.gather(self.target_index, q)),
           "text_ids": tf.gather(self.text_ids, q),
           "text_mask": tf.gather(self.text_mask, q),
       }
+      if self.set_negatives is not None:
+        rows = tf.gather(self.set_negatives, q)                         # [b, S], -1 = none
+        images = self.targets.load(tf.reshape(tf.maximum(rows, 0), [-1]))
+        batch["set_negative_images"] = tf.reshape(
+            images, tf.concat([tf.shape(rows), tf.shape(images)[1:]], 0))
+        batch["set_negative_mask"] = rows >= 0
+      return batch
 
     ds = tf.data.Dataset.range(start_step, np.iinfo(np.int64).max)
     return ds.map(load, num_parallel_calls=AUTOTUNE).prefetch(4).with_options(_options())

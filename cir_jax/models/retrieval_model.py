@@ -116,8 +116,20 @@ class RetrievalModel(nn.Module):
     return self._finish(out), aux
 
   def __call__(self, batch: dict[str, Any], train: bool = False):
-    """batch with 'ref_image', 'text_ids', 'text_mask', 'target_image' -> (query, target, aux)."""
+    """batch with 'ref_image', 'text_ids', 'text_mask', 'target_image' -> (query, target, aux).
+
+    With 'set_negative_images' [B, S, H, W, 3] and 'set_negative_mask' [B, S] in the
+    batch (config.loss.set_negatives > 0), the extra negatives go through the target
+    path too: aux 'set_negatives' [B, S, D] and 'set_negative_mask' [B, S].
+    """
     query, aux = self.encode_query(batch["ref_image"], batch["text_ids"], batch["text_mask"],
                                    train=train)
     target = self.encode_target(batch["target_image"], train=train)
-    return query, target, dict(aux, scale=self.norm_scale)
+    aux = dict(aux, scale=self.norm_scale)
+    if "set_negative_images" in batch:
+      images = batch["set_negative_images"]
+      b, s = images.shape[:2]
+      negatives = self.encode_target(images.reshape((b * s,) + images.shape[2:]), train=train)
+      aux.update(set_negatives=negatives.reshape(b, s, -1),
+                 set_negative_mask=batch["set_negative_mask"])
+    return query, target, aux
