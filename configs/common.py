@@ -47,7 +47,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "css"
-  c.data.data_dir = "data_cache"   # TFDS data_dir (generated CSS lives here)
+  c.data.data_dir = "data_cache"   # TFDS data_dir: generated CSS, prepared manual-dataset tables
   c.data.manual_dir = ""           # real datasets: the user's download
   c.data.image_size = 64
   c.data.num_scenes = 1000

@@ -20,6 +20,7 @@ def cirr_config(manual_dir, **overrides):
   c = common.base_config()
   c.data.name = "cirr"
   c.data.manual_dir = str(manual_dir)
+  c.data.data_dir = f"{manual_dir}_tfds"  # prepared tables (cir_cirr) beside each copy
   c.data.image_size = 8
   c.data.max_text_len = 40
   c.data.eval_split = "val"

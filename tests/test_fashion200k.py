@@ -39,7 +39,8 @@ QUERIES = ["women/dress/test/0/0_0.jpeg women/dress/test/2/2_0.jpeg",    # red -
 
 
 def config(root, **kw):
-  c = ml_collections.ConfigDict(dict(manual_dir=str(root), skip_missing_images=False,
+  c = ml_collections.ConfigDict(dict(manual_dir=str(root), data_dir=f"{root}_tfds",
+                                     skip_missing_images=False,
                                      pairs_per_image=3, dataset_seed=0))
   c.update(kw)
   return c
@@ -114,6 +115,7 @@ def test_trains_and_evaluates_end_to_end(root, tmp_path):
   from cir_jax import train  # pylint: disable=g-import-not-at-top
   from tests import fakes  # pylint: disable=g-import-not-at-top
   c = fakes.tiny_config("tirg", **{"data.name": "fashion200k", "data.manual_dir": str(root),
+                                   "data.data_dir": str(tmp_path / "tfds"),
                                    "data.image_size": 16, "loss.name": "batch_classification",
                                    "num_train_steps": 2, "eval.ks": (1, 5)})
   results = train.train_and_evaluate(c, str(tmp_path / "work"))

@@ -20,7 +20,8 @@ SIZES = {  # (queries, images) per category and split, as published
 
 def data_config(root, **overrides):
   c = ml_collections.ConfigDict(dict(
-      manual_dir=str(root), category="dress", train_categories=("dress",), caption_join="and",
+      manual_dir=str(root), data_dir=f"{root}_tfds", category="dress",
+      train_categories=("dress",), caption_join="and",
       image_extensions=("png", "jpg"), skip_missing_images=False))
   c.update(overrides)
   return c

@@ -16,7 +16,8 @@ FOLDERS = {"ripe tomato": 2, "rotten tomato": 1, "sliced tomato": 1,  # test nou
 
 
 def config(root, **kw):
-  c = ml_collections.ConfigDict(dict(manual_dir=str(root), skip_missing_images=False,
+  c = ml_collections.ConfigDict(dict(manual_dir=str(root), data_dir=f"{root}_tfds",
+                                     skip_missing_images=False,
                                      pairs_per_image=2, dataset_seed=0,
                                      mit_states_split="tirg"))
   c.update(kw)

@@ -10,9 +10,10 @@ from cir_jax.data import cirr
 
 
 @pytest.fixture(scope="module")
-def test1(shared_data):
+def test1(shared_data, tmp_path_factory):
   root = shared_data / "CIRR"
-  data = ml_collections.ConfigDict({"manual_dir": str(root), "skip_missing_images": False})
+  data = ml_collections.ConfigDict({"manual_dir": str(root), "skip_missing_images": False,
+                                    "data_dir": str(tmp_path_factory.mktemp("tfds"))})
   split = cirr.load_cirr_split(data, "test1", log=lambda _: None, check_images=False)
   return split, cirr.load_annotations(root, "test1"), list(cirr.load_image_split(root, "test1"))
 

@@ -23,6 +23,11 @@ Protocol (CIRR section 5, and the official evaluation server):
 
 `target_soft` (graded alternative targets) and `img_set` ids are kept in
 `load_annotations` for analysis; the official recall uses `target_hard` only.
+
+TFDS: `parse_split` is the parser; the `cir_cirr` builder (configs 'val',
+'test1', 'train') stores its tables once under data.data_dir and
+`load_cirr_split` reads them from there (cir_jax.data.manual_tfds; images are
+not copied, they are read from manual_dir).
 """
 import dataclasses
 import pathlib
@@ -30,6 +35,7 @@ import pathlib
 import numpy as np
 
 from cir_jax.data import manual
+from cir_jax.data import manual_tfds
 from cir_jax.data.tables import RetrievalSplit
 
 SPLITS = ("train", "val", "test1")
@@ -41,6 +47,15 @@ CIRR: clone https://github.com/Cuberick-Orion/CIRR (branch cirr_dataset) for cap
 image_splits/, and download the NLVR2 images (raw, from the NLVR2 project) into the folders the
 split files name (train/<n>/, dev/, test1/). Set data.manual_dir to the folder that holds
 captions/, image_splits/ (or cirr/captions, cirr/image_splits) and the image folders."""
+
+_CITATION = """
+@inproceedings{liu2021image,
+  title={Image Retrieval on Real-life Images with Pre-trained Vision-and-Language Models},
+  author={Liu, Zheyuan and Rodriguez-Opazo, Cristian and Teney, Damien and Gould, Stephen},
+  booktitle={ICCV},
+  year={2021}
+}
+"""
 
 PROTOCOL = ("CIRR: gallery = all images of split.rc2.{split}.json; reference excluded; "
             "hit = target_hard; Recall_subset ranks img_set.members minus the reference; "
@@ -96,25 +111,24 @@ def load_annotations(manual_dir, split: str) -> list:
   return out
 
 
-def load_cirr_split(data_config, split: str, log=print, check_images: bool = True
-                    ) -> RetrievalSplit:
-  """Builds CIRR `split` ('train', 'val' or 'test1') as a RetrievalSplit.
+def annotation_files(manual_dir, split: str) -> list:
+  """The two files `parse_split` reads: cap.rc2.<split>.json and split.rc2.<split>.json."""
+  ann = annotation_dir(manual_dir)
+  return [ann / "captions" / f"cap.rc2.{split}.json",
+          ann / "image_splits" / f"split.rc2.{split}.json"]
 
-  Args:
-    data_config: reads manual_dir and skip_missing_images.
-    split: 'train', 'val' or 'test1'.
-    log: logger.
-    check_images: False parses annotations only (tests, statistics).
+
+def parse_split(manual_dir, split: str) -> manual_tfds.ParsedSplit:
+  """Parses CIRR `split` into tables: every image of the split file, queries as rows.
 
   Returns:
-    RetrievalSplit with one label per image, candidates [Q, 5] (gallery rows of
-    img_set.members minus the reference, ascending) and query_ids = pairids.
+    ParsedSplit with one label per image, candidates [Q, 5] (gallery rows of
+    img_set.members minus the reference, ascending), query_ids = pairids and
+    image paths as the split file gives them (relative to manual_dir).
   """
   if split not in SPLITS:
     raise ValueError(f"CIRR has no split {split!r}; splits: {list(SPLITS)}")
-  if not data_config.manual_dir:
-    raise ValueError("data.manual_dir is empty.\n" + MANUAL_DOWNLOAD_INSTRUCTIONS)
-  root = pathlib.Path(data_config.manual_dir)
+  root = pathlib.Path(manual_dir)
   table = load_image_split(root, split)
   anns = load_annotations(root, split)
   names = list(table)
@@ -145,18 +159,70 @@ def load_cirr_split(data_config, split: str, log=print, check_images: bool = Tru
   if empty and split != "test1":
     raise ValueError(f"{cap_file}: entry {empty[0]} has an empty 'caption' "
                      f"({len(empty)} in total)")
+  notes = []
   if empty:
     # The server needs a ranking for every pairid (test1 has one empty caption).
-    log(f"cirr/test1: {len(empty)} empty captions (pairid "
-        f"{anns[empty[0]].pairid}) replaced by {EMPTY_CAPTION!r}")
+    notes.append(f"cirr/test1: {len(empty)} empty captions (pairid "
+                 f"{anns[empty[0]].pairid}) replaced by {EMPTY_CAPTION!r}")
     for i in empty:
       texts[i] = EMPTY_CAPTION
-  out = manual.assemble(
-      f"cirr/{split}", names, [str(root / table[n]) for n in names],
-      np.arange(len(names)), refs, targets, targets, texts,
-      skip_missing=data_config.skip_missing_images, protocol=PROTOCOL.format(split=split),
-      log=log, candidates=cand, query_ids=[str(a.pairid) for a in anns],
-      instructions=MANUAL_DOWNLOAD_INSTRUCTIONS, check=check_images)
+  return manual_tfds.ParsedSplit(
+      name=f"cirr/{split}", image_ids=names, image_paths=[table[n] for n in names],
+      image_labels=np.arange(len(names)), ref_index=refs, target_index=targets,
+      target_label=targets, texts=texts, protocol=PROTOCOL.format(split=split),
+      candidates=cand, query_ids=[str(a.pairid) for a in anns], notes=notes)
+
+
+@dataclasses.dataclass(eq=False)
+class CirrConfig(manual_tfds.ManualConfig):
+  """One CIRR split; CIRR has no other option that changes the tables."""
+
+
+class Cirr(manual_tfds.ManualBuilder):
+  """TFDS builder `cir_cirr`: configs 'val' (default), 'test1', 'train' (manual_tfds)."""
+
+  name = "cir_cirr"
+  MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_DOWNLOAD_INSTRUCTIONS
+  BUILDER_CONFIGS = [CirrConfig(name=s, split=s, description=f"CIRR {s} split")
+                     for s in ("val", "test1", "train")]
+  NUM_CANDIDATES = SUBSET_SIZE
+  DESCRIPTION = ("CIRR (Composed Image Retrieval on Real-life images, Liu et al. ICCV 2021): "
+                 "NLVR2 image pairs with a modification caption and a 6-image subset.")
+  HOMEPAGE = "https://github.com/Cuberick-Orion/CIRR"
+  CITATION = _CITATION
+
+  def parse(self, manual_dir):
+    return parse_split(manual_dir, self.builder_config.split)
+
+  def source_paths(self, manual_dir):
+    return annotation_files(manual_dir, self.builder_config.split)
+
+
+def load_cirr_split(data_config, split: str, log=print, check_images: bool = True
+                    ) -> RetrievalSplit:
+  """Builds CIRR `split` ('train', 'val' or 'test1') as a RetrievalSplit.
+
+  The annotations are parsed once into the `cir_cirr/<split>` TFDS dataset under
+  data.data_dir (cir_jax.data.manual_tfds); images are read from manual_dir.
+
+  Args:
+    data_config: reads manual_dir, data_dir and skip_missing_images.
+    split: 'train', 'val' or 'test1'.
+    log: logger.
+    check_images: False parses annotations only (tests, statistics).
+
+  Returns:
+    RetrievalSplit with one label per image, candidates [Q, 5] (gallery rows of
+    img_set.members minus the reference, ascending) and query_ids = pairids.
+  """
+  if split not in SPLITS:
+    raise ValueError(f"CIRR has no split {split!r}; splits: {list(SPLITS)}")
+  if not data_config.manual_dir:
+    raise ValueError("data.manual_dir is empty.\n" + MANUAL_DOWNLOAD_INSTRUCTIONS)
+  parsed = manual_tfds.load_prepared(Cirr, split, data_config.get("data_dir"),
+                                     data_config.manual_dir, log)
+  out = parsed.to_split(data_config.manual_dir, skip_missing=data_config.skip_missing_images,
+                        log=log, instructions=MANUAL_DOWNLOAD_INSTRUCTIONS, check=check_images)
   log(f"cirr/{split}: {out.num_queries} queries, {out.num_images} gallery images"
       + ("" if split != "test1" else " (no targets: submission only)"))
   return out

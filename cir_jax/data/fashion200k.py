@@ -27,12 +27,20 @@ target image) per access; a RetrievalSplit is a fixed table, so we draw
 `data.dataset_seed`, from the same distribution. Deviation: the reference builds
 parents with `str.replace(word, '')`, which also deletes the word inside other
 words; we delete the word token, which is what "one word difference" means.
+
+TFDS: `parse_split` is the parser; the `cir_fashion200k` builder (configs
+'test' and 'train.p<pairs_per_image>.seed<dataset_seed>') stores its tables once
+under data.data_dir and `load_fashion200k_split` reads them from there
+(cir_jax.data.manual_tfds; images are not copied, they are read from manual_dir).
 """
+import dataclasses
 import pathlib
+import re
 
 import numpy as np
 
 from cir_jax.data import manual
+from cir_jax.data import manual_tfds
 from cir_jax.data.tables import RetrievalSplit
 
 CATEGORIES = ("dress", "jacket", "pants", "skirt", "top")
@@ -42,6 +50,16 @@ MANUAL_DOWNLOAD_INSTRUCTIONS = """\
 Fashion200k: download the images and labels/ from https://github.com/xthan/fashion-200k and
 test_queries.txt from https://github.com/google/tirg (linked in its README). Set data.manual_dir
 to the folder holding labels/, test_queries.txt and the image tree the label files name."""
+
+_CITATION = """
+@inproceedings{han2017automatic,
+  title={Automatic Spatially-aware Fashion Concept Discovery},
+  author={Han, Xintong and Wu, Zuxuan and Huang, Phoenix X. and Zhang, Xiao and Zhu, Menglong
+          and Li, Yuan and Zhao, Yang and Davis, Larry S.},
+  booktitle={ICCV},
+  year={2017}
+}
+"""
 
 
 def normalise_caption(caption: str) -> str:
@@ -143,29 +161,107 @@ def read_test_queries(manual_dir, row: dict) -> tuple[np.ndarray, np.ndarray]:
   return np.asarray(sources, np.int64), np.asarray(targets, np.int64)
 
 
-def load_fashion200k_split(data_config, split: str, log=print) -> RetrievalSplit:
-  """Builds Fashion200k `split` ('train' or 'test'); labels are caption ids."""
+def annotation_files(manual_dir, split: str) -> list:
+  """The files `parse_split` reads: the five label files (+ test_queries.txt for test)."""
+  root = pathlib.Path(manual_dir)
+  files = [root / "labels" / f"{cat}_{split}_detect_all.txt" for cat in CATEGORIES]
+  return files + ([root / "test_queries.txt"] if split == "test" else [])
+
+
+def parse_split(manual_dir, split: str, pairs_per_image: int = 1, seed: int = 0
+                ) -> manual_tfds.ParsedSplit:
+  """Parses Fashion200k `split` ('train' or 'test') into tables; labels are caption ids.
+
+  Args:
+    manual_dir: the dataset root.
+    split: 'train' or 'test'.
+    pairs_per_image: training pairs drawn per modifiable image (train only).
+    seed: seed of those draws (train only).
+
+  Returns:
+    ParsedSplit whose image ids and paths are the label files' relative paths.
+  """
   if split not in SPLITS:
     raise ValueError(f"Fashion200k has no split {split!r}; splits: {list(SPLITS)}")
-  if not data_config.manual_dir:
-    raise ValueError("data.manual_dir is empty.\n" + MANUAL_DOWNLOAD_INSTRUCTIONS)
-  root = pathlib.Path(data_config.manual_dir)
+  root = pathlib.Path(manual_dir)
   paths, captions = read_labels(root, split)
   labels, _ = manual.labels_of(captions)
   if split == "train":
-    if data_config.pairs_per_image < 1:
-      raise ValueError(f"data.pairs_per_image={data_config.pairs_per_image} must be >= 1")
-    src, tgt = training_pairs(captions, data_config.pairs_per_image, data_config.dataset_seed)
+    if pairs_per_image < 1:
+      raise ValueError(f"data.pairs_per_image={pairs_per_image} must be >= 1")
+    src, tgt = training_pairs(captions, pairs_per_image, seed)
   else:
     # Duplicated paths resolve to their last row, as the reference's file2imgid dict.
     src, tgt = read_test_queries(root, {p: i for i, p in enumerate(paths)})
   texts = [modification_text(captions[s], captions[t]) for s, t in zip(src, tgt)]
-  out = manual.assemble(
-      f"fashion200k/{split}", paths, [str(root / p) for p in paths], labels, src, tgt,
-      labels[tgt], texts, skip_missing=data_config.skip_missing_images,
+  return manual_tfds.ParsedSplit(
+      name=f"fashion200k/{split}", image_ids=paths, image_paths=paths, image_labels=labels,
+      ref_index=src, target_index=tgt, target_label=labels[tgt], texts=texts,
       protocol=("Fashion200k (TIRG): gallery = all test images; source excluded; hit = any "
-                "image with the target caption"),
-      log=log, instructions=MANUAL_DOWNLOAD_INSTRUCTIONS)
+                "image with the target caption"))
+
+
+@dataclasses.dataclass(eq=False)
+class Fashion200kConfig(manual_tfds.ManualConfig):
+  """Split and, for train, the pair sampling that fixes the training table."""
+  pairs_per_image: int = 1
+  seed: int = 0
+
+
+def make_config(split: str, pairs_per_image: int = 1, seed: int = 0) -> Fashion200kConfig:
+  """The config 'test' or 'train.p<pairs_per_image>.seed<seed>'."""
+  if split not in SPLITS:
+    raise ValueError(f"Fashion200k has no split {split!r}; splits: {list(SPLITS)}")
+  if split == "test":
+    return Fashion200kConfig(name="test", split="test", description="Fashion200k test queries")
+  return Fashion200kConfig(
+      name=f"train.{manual_tfds.sampling_name(pairs_per_image, seed)}", split="train",
+      pairs_per_image=pairs_per_image, seed=seed,
+      description=f"Fashion200k train, {pairs_per_image} pairs per image, seed {seed}")
+
+
+class Fashion200k(manual_tfds.ManualBuilder):
+  """TFDS builder `cir_fashion200k`: configs 'test', 'train.p<n>.seed<s>' (manual_tfds)."""
+
+  name = "cir_fashion200k"
+  MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_DOWNLOAD_INSTRUCTIONS
+  BUILDER_CONFIGS = [make_config("test"), make_config("train")]
+  DESCRIPTION = ("Fashion200k (Han et al., ICCV 2017) in the TIRG protocol: one-word caption "
+                 "differences as modification texts.")
+  HOMEPAGE = "https://github.com/xthan/fashion-200k"
+  CITATION = _CITATION
+
+  @classmethod
+  def config_from_name(cls, name):
+    match = re.fullmatch(rf"train\.{manual_tfds.SAMPLING_PATTERN}", name)
+    return None if match is None else make_config("train", *map(int, match.groups()))
+
+  def parse(self, manual_dir):
+    config = self.builder_config
+    return parse_split(manual_dir, config.split, config.pairs_per_image, config.seed)
+
+  def source_paths(self, manual_dir):
+    return annotation_files(manual_dir, self.builder_config.split)
+
+
+def load_fashion200k_split(data_config, split: str, log=print) -> RetrievalSplit:
+  """Builds Fashion200k `split` ('train' or 'test'); labels are caption ids.
+
+  The annotations are parsed once into the `cir_fashion200k/<config>` TFDS
+  dataset under data.data_dir (cir_jax.data.manual_tfds); images are read from
+  manual_dir. Reads manual_dir, data_dir, skip_missing_images and, for train,
+  pairs_per_image and dataset_seed.
+  """
+  if split not in SPLITS:
+    raise ValueError(f"Fashion200k has no split {split!r}; splits: {list(SPLITS)}")
+  if not data_config.manual_dir:
+    raise ValueError("data.manual_dir is empty.\n" + MANUAL_DOWNLOAD_INSTRUCTIONS)
+  config = (make_config(split, data_config.pairs_per_image, data_config.dataset_seed)
+            if split == "train" else make_config(split))
+  parsed = manual_tfds.load_prepared(Fashion200k, config.name, data_config.get("data_dir"),
+                                     data_config.manual_dir, log)
+  out = parsed.to_split(data_config.manual_dir, skip_missing=data_config.skip_missing_images,
+                        log=log, instructions=MANUAL_DOWNLOAD_INSTRUCTIONS)
   log(f"fashion200k/{split}: {out.num_queries} queries, {out.num_images} images, "
-      f"{len(set(captions))} distinct captions")
+      f"{len(np.unique(parsed.image_labels))} distinct captions")
   return out

@@ -25,12 +25,21 @@ Protocol (as SSN, which follows CLIP4Cir / Baldrati et al. 2022):
 Training uses `data.train_categories` (default all three, as CLIP4Cir): the
 union of their train images and queries. test has no targets (not scored here).
 About 4% of the original image links are dead: use data.skip_missing_images.
+
+TFDS: `parse_split` is the parser; the `cir_fashioniq` builder (configs
+'<categories>.<split>.<join>', e.g. 'dress.val.and',
+'dress+shirt+toptee.train.random_forms') stores its tables once under
+data.data_dir and `load_fashioniq_split` reads them from there
+(cir_jax.data.manual_tfds; images stay in manual_dir, their suffix is found at
+load time from data.image_extensions).
 """
+import dataclasses
 import pathlib
 
 import numpy as np
 
 from cir_jax.data import manual
+from cir_jax.data import manual_tfds
 from cir_jax.data.tables import RetrievalSplit
 
 CATEGORIES = ("dress", "shirt", "toptee")
@@ -41,6 +50,16 @@ MANUAL_DOWNLOAD_INSTRUCTIONS = """\
 FashionIQ: clone https://github.com/XiaoxiaoGuo/fashion-iq for captions/ and image_splits/, and
 download the images (the repository lists the image URLs) into images/<asin>.png (or .jpg).
 Set data.manual_dir to the folder that holds captions/, image_splits/ and images/."""
+
+_CITATION = """
+@inproceedings{wu2021fashion,
+  title={Fashion IQ: A New Dataset Towards Retrieving Images by Natural Language Feedback},
+  author={Wu, Hui and Gao, Yupeng and Guo, Xiaoxiao and Al-Halah, Ziad and Rennie, Steven and
+          Grauman, Kristen and Feris, Rogerio},
+  booktitle={CVPR},
+  year={2021}
+}
+"""
 
 
 def _clean(caption: str) -> str:
@@ -79,7 +98,7 @@ def load_annotations(manual_dir, category: str, split: str) -> tuple[list, list]
 
 
 def image_path(images_dir: pathlib.Path, name: str, extensions) -> str:
-  """images/<name>.<ext> for the first extension that exists (else the first one)."""
+  """<images_dir>/<name>.<ext> for the first extension that exists (else the first one)."""
   for ext in extensions:
     path = images_dir / f"{name}.{ext}"
     if path.is_file():
@@ -87,39 +106,46 @@ def image_path(images_dir: pathlib.Path, name: str, extensions) -> str:
   return str(images_dir / f"{name}.{extensions[0]}")
 
 
-def load_fashioniq_split(data_config, split: str, log=print, check_images: bool = True
-                         ) -> RetrievalSplit:
-  """Builds FashionIQ `split` of `data.category` (train: of `data.train_categories`).
+def eval_join(split: str, caption_join: str) -> str:
+  """The join used for `split`: evaluation text is always the deterministic 'and'."""
+  if caption_join not in JOINS:
+    raise ValueError(f"data.caption_join={caption_join!r}; valid: {list(JOINS)}")
+  return "and" if split != "train" else caption_join
 
-  Args:
-    data_config: reads manual_dir, category, train_categories, caption_join,
-      image_extensions, skip_missing_images.
-    split: 'train', 'val' or 'test'.
-    log: logger.
-    check_images: False parses annotations only.
 
-  Returns:
-    RetrievalSplit with one label per image (hit = the labelled target).
-  """
-  if split not in SPLITS:
-    raise ValueError(f"FashionIQ has no split {split!r}; splits: {list(SPLITS)}")
-  if not data_config.manual_dir:
-    raise ValueError("data.manual_dir is empty.\n" + MANUAL_DOWNLOAD_INSTRUCTIONS)
-  categories = (tuple(data_config.train_categories) if split == "train"
-                else (data_config.category,))
+def check_categories(categories) -> tuple:
+  """`categories` as a tuple, each checked to be a FashionIQ category."""
+  categories = tuple(categories)
+  if not categories:
+    raise ValueError(f"no FashionIQ category given; valid: {list(CATEGORIES)}")
   for c in categories:
     if c not in CATEGORIES:
       raise ValueError(f"FashionIQ category {c!r}; valid: {list(CATEGORIES)} "
                        f"(the protocol scores each category against its own gallery)")
-  join = data_config.caption_join
-  if join not in JOINS:
-    raise ValueError(f"data.caption_join={join!r}; valid: {list(JOINS)}")
-  if join == "random_forms" and split != "train":
-    join = "and"  # evaluation text is always the deterministic join
-  exts = tuple(data_config.image_extensions)
-  if not exts:
-    raise ValueError("data.image_extensions is empty; e.g. ('png', 'jpg')")
-  root = pathlib.Path(data_config.manual_dir)
+  return categories
+
+
+def annotation_files(manual_dir, categories, split: str) -> list:
+  """The files `parse_split` reads: split.<c>.<split>.json and cap.<c>.<split>.json per category."""
+  root = pathlib.Path(manual_dir)
+  return [root / sub / f"{kind}.{c}.{split}.json" for c in categories
+          for sub, kind in (("image_splits", "split"), ("captions", "cap"))]
+
+
+def parse_split(manual_dir, categories, split: str, caption_join: str = "and"
+                ) -> manual_tfds.ParsedSplit:
+  """Parses `split` of the union of `categories` (in order) into tables.
+
+  Returns:
+    ParsedSplit with one label per image (hit = the labelled target) and image
+    paths 'images/<asin>' without suffix: `load_fashioniq_split` appends the
+    first of data.image_extensions that exists.
+  """
+  if split not in SPLITS:
+    raise ValueError(f"FashionIQ has no split {split!r}; splits: {list(SPLITS)}")
+  categories = check_categories(categories)
+  join = eval_join(split, caption_join)
+  root = pathlib.Path(manual_dir)
   names, row, texts, refs, targets = [], {}, [], [], []
   for c in categories:
     cat_names, queries = load_annotations(root, c, split)
@@ -140,16 +166,94 @@ def load_fashioniq_split(data_config, split: str, log=print, check_images: bool 
         texts.append(text)
         refs.append(row[cand])
         targets.append(row[target] if target else -1)
-  name = f"fashioniq/{'+'.join(categories)}/{split}"
-  images_dir = root / "images"
-  out = manual.assemble(
-      name, names, [image_path(images_dir, n, exts) for n in names], np.arange(len(names)),
-      np.asarray(refs), np.asarray(targets), np.asarray(targets), texts,
-      skip_missing=data_config.skip_missing_images,
+  targets = np.asarray(targets, np.int64)
+  return manual_tfds.ParsedSplit(
+      name=f"fashioniq/{'+'.join(categories)}/{split}", image_ids=names,
+      image_paths=[f"images/{n}" for n in names], image_labels=np.arange(len(names)),
+      ref_index=np.asarray(refs, np.int64), target_index=targets, target_label=targets,
+      texts=texts,
       protocol=(f"FashionIQ {'+'.join(categories)} {split}: gallery = all images of the "
                 f"category's {split} split; hit = the labelled target; text = "
-                f"'<C1> and <c2>' (CLIP4Cir)"),
-      log=log, instructions=MANUAL_DOWNLOAD_INSTRUCTIONS, check=check_images)
-  log(f"{name}: {out.num_queries} queries, {out.num_images} gallery images, "
-      f"caption_join={join}")
+                f"'<C1> and <c2>' (CLIP4Cir)"))
+
+
+@dataclasses.dataclass(eq=False)
+class FashionIQConfig(manual_tfds.ManualConfig):
+  """Categories (their union, in order), split and caption join of one prepared table."""
+  categories: tuple = ("dress",)
+  caption_join: str = "and"
+
+
+def make_config(categories, split: str, caption_join: str = "and") -> FashionIQConfig:
+  """The config '<c1>[+<c2>...].<split>.<join>', e.g. 'dress.val.and' (join 'and' off train)."""
+  if split not in SPLITS:
+    raise ValueError(f"FashionIQ has no split {split!r}; splits: {list(SPLITS)}")
+  categories = check_categories(categories)
+  join = eval_join(split, caption_join)
+  return FashionIQConfig(
+      name=f"{'+'.join(categories)}.{split}.{join}", split=split, categories=categories,
+      caption_join=join, description=f"FashionIQ {'+'.join(categories)} {split}, join {join!r}")
+
+
+class FashionIQ(manual_tfds.ManualBuilder):
+  """TFDS builder `cir_fashioniq`: configs '<categories>.<split>.<join>' (manual_tfds)."""
+
+  name = "cir_fashioniq"
+  MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_DOWNLOAD_INSTRUCTIONS
+  BUILDER_CONFIGS = [make_config((c,), "val") for c in CATEGORIES]
+  DESCRIPTION = ("FashionIQ (Wu et al., CVPR 2021): dress/shirt/toptee image pairs with two "
+                 "relative captions, joined as CLIP4Cir does.")
+  HOMEPAGE = "https://github.com/XiaoxiaoGuo/fashion-iq"
+  CITATION = _CITATION
+
+  @classmethod
+  def config_from_name(cls, name):
+    parts = name.split(".")
+    if len(parts) != 3:
+      return None  # TFDS then lists the predefined configs
+    return make_config(tuple(parts[0].split("+")), parts[1], parts[2])
+
+  def parse(self, manual_dir):
+    config = self.builder_config
+    return parse_split(manual_dir, config.categories, config.split, config.caption_join)
+
+  def source_paths(self, manual_dir):
+    return annotation_files(manual_dir, self.builder_config.categories, self.builder_config.split)
+
+
+def load_fashioniq_split(data_config, split: str, log=print, check_images: bool = True
+                         ) -> RetrievalSplit:
+  """Builds FashionIQ `split` of `data.category` (train: of `data.train_categories`).
+
+  The annotations are parsed once into the `cir_fashioniq/<config>` TFDS dataset
+  under data.data_dir (cir_jax.data.manual_tfds); images are read from manual_dir.
+
+  Args:
+    data_config: reads manual_dir, data_dir, category, train_categories,
+      caption_join, image_extensions, skip_missing_images.
+    split: 'train', 'val' or 'test'.
+    log: logger.
+    check_images: False parses annotations only.
+
+  Returns:
+    RetrievalSplit with one label per image (hit = the labelled target).
+  """
+  if split not in SPLITS:
+    raise ValueError(f"FashionIQ has no split {split!r}; splits: {list(SPLITS)}")
+  if not data_config.manual_dir:
+    raise ValueError("data.manual_dir is empty.\n" + MANUAL_DOWNLOAD_INSTRUCTIONS)
+  categories = (tuple(data_config.train_categories) if split == "train"
+                else (data_config.category,))
+  config = make_config(categories, split, data_config.caption_join)
+  exts = tuple(data_config.image_extensions)
+  if not exts:
+    raise ValueError("data.image_extensions is empty; e.g. ('png', 'jpg')")
+  root = pathlib.Path(data_config.manual_dir)
+  parsed = manual_tfds.load_prepared(FashionIQ, config.name, data_config.get("data_dir"),
+                                     root, log)
+  out = parsed.to_split(root, skip_missing=data_config.skip_missing_images, log=log,
+                        instructions=MANUAL_DOWNLOAD_INSTRUCTIONS, check=check_images,
+                        resolve=lambda rel: image_path(root, rel, exts))
+  log(f"{parsed.name}: {out.num_queries} queries, {out.num_images} gallery images, "
+      f"caption_join={config.caption_join}")
   return out

@@ -1,8 +1,10 @@
 """Shared plumbing of the manual-download datasets (CIRR, FashionIQ, Fashion200k, MIT-States).
 
 Each dataset module parses its published annotation layout into plain tables
-(image names, paths, labels; queries as image rows) and calls `assemble`,
-which checks every image file up front and builds the `RetrievalSplit`:
+(image names, paths, labels; queries as image rows: `manual_tfds.ParsedSplit`,
+prepared once as a TFDS dataset, see cir_jax/data/manual_tfds.py), and every
+load calls `assemble`, which checks every image file up front and builds the
+`RetrievalSplit`:
 
 * by default a missing or unreadable image is an error listing the first
   missing paths, raised before any training or embedding starts;
