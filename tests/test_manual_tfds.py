@@ -17,6 +17,7 @@ from cir_jax.data import mit_states
 from cir_jax.data.tables import RetrievalSplit
 from tests import placeholder_images
 from tests.test_fashion200k import QUERIES as F200K_QUERIES
+from tests.test_fashioniq import fiq_dir  # pylint: disable=unused-import (a fixture)
 from tests.test_fashion200k import write_fixture as write_f200k
 from tests.test_mit_states import FOLDERS as MIT_FOLDERS
 
@@ -56,14 +57,6 @@ def cirr_root(tmp_path_factory, shared_data):
   return root
 
 
-@pytest.fixture(scope="module")
-def fiq_root(tmp_path_factory, shared_data):
-  root = tmp_path_factory.mktemp("fiq")
-  for sub in ("captions", "image_splits"):
-    shutil.copytree(shared_data / "fashion-iq" / sub, root / sub)
-  return root
-
-
 def prepare(name, data_dir, manual_dir):
   builder = tfds.builder(name, data_dir=str(data_dir))
   builder.download_and_prepare(
@@ -90,19 +83,19 @@ def test_cirr_builder_matches_parser(cirr_root, tmp_path, split, counts):
     assert (loaded.target_index == -1).all() and cirr.EMPTY_CAPTION in loaded.texts
 
 
-def test_fashioniq_builder_matches_parser(fiq_root, tmp_path):
-  builder = prepare("cir_fashioniq/dress.val.and", tmp_path, fiq_root)
+def test_fashioniq_builder_matches_parser(fiq_dir, tmp_path):
+  builder = prepare("cir_fashioniq/dress.val.and", tmp_path, fiq_dir)
   assert builder.info.splits["val"].num_examples == 2017
   assert len(builder.info.metadata["gallery"]["image_ids"]) == 3817
-  direct = fashioniq.parse_split(fiq_root, ("dress",), "val")
+  direct = fashioniq.parse_split(fiq_dir, ("dress",), "val")
   assert (len(direct.texts), len(direct.image_ids)) == (2017, 3817)
-  cfg = data_config(fiq_root, tmp_path)
+  cfg = data_config(fiq_dir, tmp_path)
   loaded = fashioniq.load_fashioniq_split(cfg, "val", log=QUIET, check_images=False)
-  root = fiq_root
+  root = fiq_dir
   expected = direct.to_split(root, skip_missing=False, log=QUIET, check=False,
                              resolve=lambda rel: fashioniq.image_path(root, rel, ("png", "jpg")))
   assert_same_split(loaded, expected)
-  assert loaded.image_paths[0] == str(fiq_root / "images" / f"{loaded.image_ids[0]}.png")
+  assert loaded.image_paths[0] == str(fiq_dir / "images" / f"{loaded.image_ids[0]}.png")
 
 
 def test_config_names():
