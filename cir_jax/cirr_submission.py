@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cir_jax import retrieval
+from cir_jax import sharding
 from cir_jax.data.tables import RetrievalSplit
 
 VERSION = "rc2"
@@ -67,7 +68,7 @@ def predict(query_emb, gallery_emb, split: RetrievalSplit, mesh=None
   exclude = np.full(query_emb.shape[0], -1, np.int64)
   exclude[:q] = split.ref_index
   _, top = retrieval.gallery_topk(
-      query_emb, gallery_emb, RECALL_K, mesh or retrieval.single_device_mesh(),
+      query_emb, gallery_emb, RECALL_K, mesh or sharding.single_device_mesh(),
       exclude_index=exclude, gallery_valid=np.arange(gallery_emb.shape[0]) < g)
   top = np.asarray(jax.device_get(top))[:q]
   return top, subset_topk(query_emb, gallery_emb, split.candidates)

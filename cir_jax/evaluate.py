@@ -1,11 +1,18 @@
-"""Gallery evaluation (Recall@K on device) and its command line.
+"""Gallery evaluation (Recall@K on device), each dataset's protocol, and its command line.
 
   python -m cir_jax.evaluate --config configs/tirg_css.py --workdir runs/css
 
-restores the newest checkpoint of the workdir and evaluates `config.data.eval_split`.
-Embeddings are computed batch by batch on device and concatenated there; the
-gallery stays sharded; recall is computed on device and only scalars (and top
-ids when asked) reach the host.
+restores the newest checkpoint of the workdir (without loading the training
+split: the vocabulary is the workdir's) and evaluates `config.data.eval_split`
+with the dataset's protocol. Embeddings are computed batch by batch on device
+and concatenated there; the gallery stays sharded; recall is computed on device
+and only scalars (and top ids when asked) reach the host.
+
+`make_evaluator` is the one entry the trainer and `evaluate_workdir` share:
+FashionIQ (as SSN / CLIP4Cir report it) scores each category (dress, shirt,
+toptee) against its own val gallery and reports R@10 and R@50 per category,
+their averages over the categories and the mean of the two averages; every
+other dataset is one `Evaluator`.
 """
 import json
 import pathlib
@@ -15,8 +22,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cir_jax import experiment as experiment_lib
 from cir_jax import retrieval
 from cir_jax import sharding
+from cir_jax.data import fashioniq
 from cir_jax.data import pipeline
 from cir_jax.data import registry
 from cir_jax.utils import logging as log_lib
@@ -50,31 +59,33 @@ class Evaluator:
                                  method=model.encode_query)[0],
         out_shardings=out)
 
-  def _progress(self, batches, num_items: int, what: str):
-    """Yields `batches`, logging '<what> batch i/n ... ETA' PROGRESS_LINES times.
+  def _embed(self, encode, batches, num_items: int, what: str) -> jax.Array:
+    """Concatenated `encode(batch)` over `batches`, logging '<what> batch i/n ... ETA'
+    PROGRESS_LINES times on passes of at least PROGRESS_LINES batches.
 
-    Steps are dispatched asynchronously, so the rate is that of input + dispatch;
-    on long passes it converges to the true rate because the device queue is bounded.
+    Steps are dispatched asynchronously; before a progress line the batch's
+    result is waited for, so the rate reported is work done, not dispatch.
     """
     total = self.data.num_steps(num_items)
     every = max(1, total // PROGRESS_LINES)
     progress = log_lib.Progress(total, 0, self.data.global_batch, what=f"{what} batch")
+    parts = []
     for i, batch in enumerate(batches, start=1):
-      yield batch
+      parts.append(encode(batch))
       if total >= PROGRESS_LINES and (i % every == 0 or i == total):
+        parts[-1].block_until_ready()
         self.log(progress.line(i, progress.update(i)))
+    return jnp.concatenate(parts)
 
   def embed_gallery(self, variables) -> jax.Array:
     """[G_padded, d] sharded gallery embeddings (rows past G are padding)."""
-    batches = self._progress(self.data.gallery_batches(), self.split.num_images, "gallery")
-    parts = [self._encode_target(variables, b["image"]) for b in batches]
-    return jnp.concatenate(parts)
+    return self._embed(lambda b: self._encode_target(variables, b["image"]),
+                       self.data.gallery_batches(), self.split.num_images, "gallery")
 
   def embed_queries(self, variables) -> jax.Array:
     """[Q_padded, d] query embeddings (rows past the evaluated queries are padding)."""
-    batches = self._progress(self.data.query_batches(), self.data.num_queries, "query")
-    parts = [self._encode_query(variables, b) for b in batches]
-    return jnp.concatenate(parts)
+    return self._embed(lambda b: self._encode_query(variables, b),
+                       self.data.query_batches(), self.data.num_queries, "query")
 
   def evaluate(self, variables, return_topk: int = 0) -> dict[str, Any]:
     """Returns {'split', 'num_queries', 'num_gallery', 'protocol', 'skipped', 'metrics'}.
@@ -149,9 +160,17 @@ class Evaluator:
     return out
 
 
+def metric_order(name: str) -> tuple:
+  """Sort key: metrics by family in order of appearance, then by K ('R@1' < 'R@5' < 'R@10')."""
+  head, _, k = name.rpartition("@")
+  return (head, int(k)) if k.isdigit() else (name, -1)
+
+
 def format_table(results: dict) -> str:
-  """A one-row Markdown table of the recall metrics."""
+  """A one-row Markdown table of the recall metrics, each family ordered by K."""
   names = list(results["metrics"])
+  families = list(dict.fromkeys(metric_order(n)[0] for n in names))
+  names.sort(key=lambda n: (families.index(metric_order(n)[0]), metric_order(n)[1]))
   header = "| split | queries | gallery | " + " | ".join(names) + " |"
   rule = "|" + "---|" * (3 + len(names))
   row = (f"| {results['split']} | {results['num_queries']} | {results['num_gallery']} | "
@@ -168,23 +187,81 @@ def write_results(workdir, results: dict):
   path.write_text(json.dumps(serialisable, indent=2, sort_keys=True))
 
 
+def aggregate_fashioniq(per_category: dict[str, dict]) -> dict[str, Any]:
+  """Combines per-category results (Evaluator.evaluate dicts) into one results dict.
+
+  Every gallery variant of `config.eval.gallery_variants` is aggregated the
+  same way; its keys keep the variant prefix (e.g. 'avg/include_ref/R@10').
+
+  Args:
+    per_category: {'dress': results, 'shirt': results, 'toptee': results}, each
+      with metrics 'R@10', 'R@50' (and '<variant>/R@10', ...).
+
+  Returns:
+    Results dict with metrics '<category>/<metric>', 'avg/[<variant>/]R@K' and
+    'avg/[<variant>/]mean(R@10,R@50)'.
+  """
+  cats = list(per_category)
+  metrics = {f"{c}/{k}": v for c in cats for k, v in per_category[c]["metrics"].items()}
+  first = per_category[cats[0]]["metrics"]
+  prefixes = sorted({k[:-len("R@10")] for k in first if k.endswith("R@10")})
+  for p in prefixes:
+    for k in ("R@10", "R@50"):
+      if f"{p}{k}" not in first:
+        raise ValueError(f"FashionIQ needs {p}{k}; set eval.ks to include 10 and 50")
+      metrics[f"avg/{p}{k}"] = sum(per_category[c]["metrics"][f"{p}{k}"] for c in cats) / len(cats)
+    metrics[f"avg/{p}mean(R@10,R@50)"] = (metrics[f"avg/{p}R@10"] + metrics[f"avg/{p}R@50"]) / 2
+  skipped: dict = {}
+  for c in cats:
+    for k, v in per_category[c].get("skipped", {}).items():
+      skipped[k] = skipped.get(k, 0) + v
+  return {"split": "fashioniq/val/" + "+".join(cats),
+          "num_queries": sum(per_category[c]["num_queries"] for c in cats),
+          "num_gallery": sum(per_category[c]["num_gallery"] for c in cats),
+          "protocol": ("FashionIQ: each category ranked against its own val gallery, then "
+                       "averaged; " + per_category[cats[0]]["protocol"]),
+          "skipped": skipped, "metrics": metrics}
+
+
+class FashionIQEvaluator:
+  """FashionIQ's protocol: one Evaluator per category's val split, then `aggregate_fashioniq`."""
+
+  def __init__(self, config, model, vocab, mesh, log=print,
+               categories=fashioniq.CATEGORIES):
+    self.evaluators = {}
+    for cat in categories:
+      cfg = config.copy_and_resolve_references()
+      cfg.data.category = cat
+      cfg.data.eval_split = "val"
+      self.evaluators[cat] = Evaluator(cfg, model, vocab, mesh, log=log)
+
+  def evaluate(self, variables) -> dict[str, Any]:
+    return aggregate_fashioniq({cat: e.evaluate(variables)
+                                for cat, e in self.evaluators.items()})
+
+
+def make_evaluator(config, model, vocab, mesh, log=print):
+  """The evaluator of `config`'s dataset protocol: `.evaluate(variables) -> results dict`.
+
+  FashionIQ: all three categories, averaged (FashionIQEvaluator); every other
+  dataset: `config.data.eval_split` (Evaluator). Training and `evaluate_workdir`
+  both use it, so a results.json always holds the same protocol's numbers.
+  """
+  if config.data.name == "fashioniq":
+    return FashionIQEvaluator(config, model, vocab, mesh, log=log)
+  return Evaluator(config, model, vocab, mesh, log=log)
+
+
 def evaluate_workdir(config, workdir) -> dict:
-  """Restores the newest checkpoint of `workdir` and evaluates it."""
-  from cir_jax import checkpoint  # pylint: disable=g-import-not-at-top
-  from cir_jax import train  # pylint: disable=g-import-not-at-top
-  from cir_jax.utils import logging as log_lib  # pylint: disable=g-import-not-at-top
+  """Restores the newest checkpoint of `workdir` and evaluates it with its protocol."""
+  workdir = pathlib.Path(workdir)
+  if not workdir.is_dir():
+    raise FileNotFoundError(f"workdir {str(workdir)!r} does not exist; train first "
+                            f"(python -m cir_jax.train --config ... --workdir {workdir})")
   log = log_lib.Logger(workdir)
-  mesh, vocab, model, _, _, state = train.setup(config, workdir, log)
-  manager = checkpoint.make_manager(workdir, config.keep_checkpoints)
-  state, step = checkpoint.restore_latest(manager, state)
-  if step is None:
-    raise FileNotFoundError(f"no checkpoint in {manager.directory}; train first")
-  variables = {"params": state.params, "batch_stats": state.batch_stats}
-  if config.data.name == "fashioniq":  # the protocol averages three per-category galleries
-    from cir_jax import protocols  # pylint: disable=g-import-not-at-top
-    results = protocols.evaluate_fashioniq(config, model, vocab, mesh, variables, log=log)
-  else:
-    results = Evaluator(config, model, vocab, mesh, log=log).evaluate(variables)
+  experiment, step = experiment_lib.restore_for_evaluation(config, workdir, log)
+  evaluator = make_evaluator(config, experiment.model, experiment.vocab, experiment.mesh, log=log)
+  results = evaluator.evaluate(experiment.variables)
   results["step"] = step
   log(format_table(results))
   write_results(workdir, results)

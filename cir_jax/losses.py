@@ -16,10 +16,11 @@ Equations refer to Vo et al., "Composing Text and Image for Image Retrieval -
 An Empirical Odyssey" (TIRG, CVPR 2019), section 3.3.
 """
 
+import dataclasses
 import functools
 import itertools
 import math
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -482,3 +483,56 @@ def global_batch_loss(loss_fn: Callable[..., jax.Array],
       in_specs=(P(axis_name), P(axis_name), P(), P(axis_name)),
       out_specs=P())
   return sharded(query, target, array_kw, per_query)
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSpec:
+  """How the trainer calls one loss of this module.
+
+  fn: the loss function.
+  options: `config.loss` -> the keyword arguments fn reads (besides the arrays).
+  query_inputs: keys of the model's aux dict passed per query (sharded like the
+    queries, see `global_batch_loss(per_query=...)`).
+  takes_rng: the loss samples (Eq. 4's sets) and takes an `rng`.
+  """
+  fn: Callable[..., jax.Array]
+  options: Callable[[Any], dict]
+  query_inputs: tuple[str, ...] = ()
+  takes_rng: bool = False
+
+
+# config.loss.name -> LossSpec: the one registry of the losses the trainer can use.
+LOSSES = {
+    'soft_triplet': LossSpec(soft_triplet_loss, lambda c: {'kernel': c.kernel},
+                             query_inputs=('set_negatives', 'set_negative_mask')),
+    'batch_classification': LossSpec(batch_classification_loss,
+                                     lambda c: {'kernel': c.kernel}),
+    # m=0: every set.
+    'general_k': LossSpec(general_k_loss,
+                          lambda c: {'kernel': c.kernel, 'k': c.k, 'm': c.m or None},
+                          takes_rng=True),
+    'batch_hard_triplet': LossSpec(batch_hard_triplet_loss,
+                                   lambda c: {'margin': c.margin}),
+    'temperature_ce': LossSpec(temperature_cross_entropy,
+                               lambda c: {'temperature': c.temperature}),
+    'ssn': LossSpec(ssn_loss,
+                    lambda c: {'temperature': c.temperature, 'kl_weight': c.kl_weight},
+                    query_inputs=('negative_query',)),
+}
+
+
+def get_loss(loss_config) -> tuple[Callable[..., jax.Array], LossSpec]:
+  """(loss function with `config.loss`'s options bound, its LossSpec).
+
+  Raises:
+    ValueError: unknown `loss_config.name` (the error lists the valid names).
+  """
+  if loss_config.name not in LOSSES:
+    raise ValueError(f'unknown loss {loss_config.name!r}; valid losses: {sorted(LOSSES)}')
+  spec = LOSSES[loss_config.name]
+  return functools.partial(spec.fn, **spec.options(loss_config)), spec
+
+
+def get_loss_fn(loss_config) -> Callable[..., jax.Array]:
+  """The loss function of `config.loss` with its options bound (see `get_loss`)."""
+  return get_loss(loss_config)[0]

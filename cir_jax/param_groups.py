@@ -156,10 +156,3 @@ def summary(params, freeze_patterns: Sequence[str] = (),
     arrays, size = totals[label]
     lines.append(f"{label}: {arrays} arrays, {size:,d} parameters")
   return "\n".join(lines)
-
-
-def print_summary(params, freeze_patterns: Sequence[str] = (),
-                  multiplier_rules: Sequence[tuple[str, float]] = (),
-                  per_param: bool = True) -> None:
-  """Prints `summary(...)`."""
-  print(summary(params, freeze_patterns, multiplier_rules, per_param))

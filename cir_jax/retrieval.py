@@ -28,10 +28,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-
-def single_device_mesh(axis_name: str = 'data') -> Mesh:
-  """A one-device mesh with the usual batch axis name."""
-  return Mesh(np.array(jax.devices()[:1]), (axis_name,))
+from cir_jax import sharding
 
 
 def _scores(query: jax.Array, gallery: jax.Array) -> jax.Array:
@@ -171,8 +168,8 @@ def shard_gallery(emb: jax.Array, mesh: Mesh, axis_name: str = 'data',
   if gallery_valid is not None:
     valid &= jnp.pad(jnp.asarray(gallery_valid, bool),
                      (0, padded.shape[0] - emb.shape[0]))
-  sharding = NamedSharding(mesh, P(axis_name))
-  return jax.device_put(padded, sharding), jax.device_put(valid, sharding)
+  row_sharding = NamedSharding(mesh, P(axis_name))
+  return jax.device_put(padded, row_sharding), jax.device_put(valid, row_sharding)
 
 
 @functools.partial(jax.jit,
@@ -464,7 +461,7 @@ def evaluate_retrieval(query_emb: jax.Array,
   if subset_candidates is not None:
     _check_subset_targets(subset_candidates, subset_target, query_valid)
   if mesh is None:
-    mesh = single_device_mesh(axis_name)
+    mesh = sharding.single_device_mesh(axis_name)
   metrics, ids = _evaluate(
       query_emb, gallery_emb, gallery_labels, target_labels, exclude_index,
       query_valid, gallery_valid, subset_candidates, subset_target,

@@ -11,11 +11,16 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 DATA_AXIS = "data"
 
 
-def make_mesh(devices=None) -> Mesh:
-  """A 1-D mesh over `devices` (default: all), axis 'data'."""
+def make_mesh(devices=None, axis_name: str = DATA_AXIS) -> Mesh:
+  """A 1-D mesh over `devices` (default: all), axis `axis_name` ('data')."""
   devices = devices if devices is not None else jax.devices()
   devices = sorted(devices, key=lambda d: (d.process_index, d.id))
-  return Mesh(np.asarray(devices), (DATA_AXIS,))
+  return Mesh(np.asarray(devices), (axis_name,))
+
+
+def single_device_mesh(axis_name: str = DATA_AXIS) -> Mesh:
+  """A mesh over the first device only (one-device evaluation, tests)."""
+  return make_mesh(jax.devices()[:1], axis_name)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

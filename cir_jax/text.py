@@ -37,9 +37,14 @@ def load_tokenizer(path: str) -> transformers.PreTrainedTokenizerBase:
   return tokenizer
 
 
-def tokenize(tokenizer, texts: Sequence[str], max_len: int,
-             batch_size: int = 4096) -> tuple[np.ndarray, np.ndarray]:
-  """Tokenises all `texts`, padded/truncated to `max_len`.
+def tokenize_counting(tokenizer, texts: Sequence[str], max_len: int,
+                     batch_size: int = 4096) -> tuple[np.ndarray, np.ndarray, int]:
+  """Tokenises all `texts` once, padded/truncated to `max_len`, counting the truncated ones.
+
+  Each chunk is encoded once with room for one more token (max_len + 1): a row
+  that fills it was longer than max_len, and dropping its last content token
+  gives exactly the tokenizer's own truncation to max_len (the leading BOS/[CLS]
+  and the trailing EOS/[SEP] are kept).
 
   Args:
     tokenizer: from `load_tokenizer`.
@@ -48,8 +53,8 @@ def tokenize(tokenizer, texts: Sequence[str], max_len: int,
     batch_size: texts per call into the (Rust) tokenizer; bounds peak memory.
 
   Returns:
-    (ids, mask): int32 [N, max_len] each; mask is 1 on real tokens (special
-    tokens included) and 0 on padding.
+    (ids, mask, num_truncated): ids and mask int32 [N, max_len]; mask is 1 on
+    real tokens (special tokens included) and 0 on padding.
 
   Raises:
     TypeError: if an element is not a string.
@@ -66,10 +71,21 @@ def tokenize(tokenizer, texts: Sequence[str], max_len: int,
       raise ValueError(f"text {i} is empty ({text!r}); every caption needs words")
   ids = np.full((len(texts), max_len), tokenizer.pad_token_id, np.int32)
   mask = np.zeros((len(texts), max_len), np.int32)
+  truncated = 0
   for start in range(0, len(texts), batch_size):
     chunk = texts[start:start + batch_size]
-    enc = tokenizer(chunk, padding="max_length", truncation=True, max_length=max_len,
-                    return_attention_mask=True, return_tensors="np")
-    ids[start:start + len(chunk)] = enc["input_ids"]
-    mask[start:start + len(chunk)] = enc["attention_mask"]
-  return ids, mask
+    rows = tokenizer(chunk, truncation=True, max_length=max_len + 1,
+                     return_attention_mask=False)["input_ids"]
+    for i, row in enumerate(rows, start=start):
+      if len(row) > max_len:
+        row = row[:max_len - 1] + row[-1:]
+        truncated += 1
+      ids[i, :len(row)] = row
+      mask[i, :len(row)] = 1
+  return ids, mask, truncated
+
+
+def tokenize(tokenizer, texts: Sequence[str], max_len: int,
+             batch_size: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+  """(ids, mask) of `tokenize_counting` (see there)."""
+  return tokenize_counting(tokenizer, texts, max_len, batch_size)[:2]

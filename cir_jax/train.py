@@ -8,57 +8,25 @@ through an explicit all-gather, in-batch Recall@K on device, host syncs only on
 logging steps, Orbax checkpoints with automatic resume, TensorBoard summaries,
 periodic gallery evaluation and a results JSON in the workdir.
 """
-import functools
-import json
 import pathlib
 import time
-from typing import Any, Optional
+from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
 
 from cir_jax import checkpoint
 from cir_jax import evaluate as evaluate_lib
-from cir_jax import init_from as init_from_lib
+from cir_jax import experiment as experiment_lib
 from cir_jax import losses
-from cir_jax import multihost
 from cir_jax import optim
 from cir_jax import preemption
 from cir_jax import retrieval
 from cir_jax import sharding
-from cir_jax import train_state as train_state_lib
-from cir_jax.data import pipeline
-from cir_jax.data import registry
-from cir_jax.data.tokenizer_vocab import TokenizerVocabulary
-from cir_jax.data.vocab import Vocabulary
-from cir_jax.models import build as build_lib
 from cir_jax.utils import logging as log_lib
 
-LOSSES = {
-    "soft_triplet": losses.soft_triplet_loss,
-    "batch_classification": losses.batch_classification_loss,
-    "general_k": losses.general_k_loss,
-    "batch_hard_triplet": losses.batch_hard_triplet_loss,
-    "temperature_ce": losses.temperature_cross_entropy,
-    "ssn": losses.ssn_loss,
-}
-# The `config.loss` fields each loss reads (besides name and negatives).
-_LOSS_OPTIONS = {
-    "soft_triplet": lambda c: {"kernel": c.kernel},
-    "batch_classification": lambda c: {"kernel": c.kernel},
-    "general_k": lambda c: {"kernel": c.kernel, "k": c.k, "m": c.m or None},  # m=0: every set
-    "batch_hard_triplet": lambda c: {"margin": c.margin},
-    "temperature_ce": lambda c: {"temperature": c.temperature},
-    "ssn": lambda c: {"temperature": c.temperature, "kl_weight": c.kl_weight},
-}
-# Per-query inputs a loss reads from the model's aux (sharded like the queries).
-_LOSS_QUERY_INPUTS = {"ssn": ("negative_query",),
-                      "soft_triplet": ("set_negatives", "set_negative_mask")}
-# Losses that sample (Eq. 4's sets) and take an `rng`, derived from the step's rng.
-LOSSES_WITH_RNG = ("general_k",)
 IN_BATCH_KS = (1, 5, 10)
 # Scalars that must be finite before anything is logged or saved: a non-finite
 # param_norm (of the updated params) catches NaN weights even when the loss of
@@ -66,15 +34,9 @@ IN_BATCH_KS = (1, 5, 10)
 FINITE_METRICS = ("loss", "grad_norm", "param_norm")
 
 
-def get_loss_fn(loss_config):
-  if loss_config.name not in LOSSES:
-    raise ValueError(f"unknown loss {loss_config.name!r}; valid losses: {sorted(LOSSES)}")
-  return functools.partial(LOSSES[loss_config.name], **_LOSS_OPTIONS[loss_config.name](loss_config))
-
-
 def make_train_step(model, tx, loss_config, mesh):
   """Returns step(state, batch) -> (state, metrics), jitted with the state donated."""
-  loss_fn = get_loss_fn(loss_config)
+  loss_fn, loss_spec = losses.get_loss(loss_config)
   replicated = sharding.replicated(mesh)
 
   def step(state, batch):
@@ -85,9 +47,8 @@ def make_train_step(model, tx, loss_config, mesh):
           {"params": params, "batch_stats": state.batch_stats}, batch, train=True,
           rngs={"dropout": dropout_rng}, mutable=["batch_stats"])
       # global_batch_loss folds `rng` with the device index: independent sets per device.
-      rng_kw = ({"rng": jax.random.fold_in(dropout_rng, 1)}
-                if loss_config.name in LOSSES_WITH_RNG else {})
-      per_query = {k: aux[k] for k in _LOSS_QUERY_INPUTS.get(loss_config.name, ()) if k in aux}
+      rng_kw = {"rng": jax.random.fold_in(dropout_rng, 1)} if loss_spec.takes_rng else {}
+      per_query = {k: aux[k] for k in loss_spec.query_inputs if k in aux}
       loss = losses.global_batch_loss(loss_fn, query, target, mesh,
                                       negatives=loss_config.negatives, per_query=per_query,
                                       **rng_kw)
@@ -113,28 +74,6 @@ def make_train_step(model, tx, loss_config, mesh):
   return jax.jit(step, donate_argnums=(0,), out_shardings=(replicated, replicated))
 
 
-def load_vocabulary(train_split, workdir, tokenizer: str = "vocab"):
-  """The training-caption vocabulary, saved in the workdir so evaluation reuses it.
-
-  With `tokenizer` a local Hugging Face tokenizer directory (config.data.tokenizer)
-  that tokenizer is used instead (pretrained text encoders).
-  """
-  if tokenizer != "vocab":
-    return TokenizerVocabulary(tokenizer)
-  path = pathlib.Path(workdir) / "vocab.json"
-  if path.exists():
-    return Vocabulary.load(path)
-  # Every process builds the same vocabulary from the same captions; process 0
-  # also saves it, via a rename so that no process can read a half-written file.
-  vocab = Vocabulary.build(train_split.texts)
-  if jax.process_index() == 0:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.tmp")
-    vocab.save(partial)
-    partial.replace(path)
-  return vocab
-
-
 def check_finite(metrics: dict, step: int, when: str):
   """Raises FloatingPointError naming the step if a FINITE_METRICS scalar is NaN/inf."""
   bad = {k: float(metrics[k]) for k in FINITE_METRICS if not np.isfinite(float(metrics[k]))}
@@ -143,54 +82,6 @@ def check_finite(metrics: dict, step: int, when: str):
         f"non-finite {bad} at step {step} ({when}); stopping without saving. Finiteness is "
         f"checked on every logging step and before every checkpoint save, so no saved "
         f"checkpoint holds NaN/inf; lower the learning rate or enable optimizer.grad_clip_norm")
-
-
-def setup(config, workdir, log):
-  """Mesh, data, vocabulary, model, optimiser and train state (restored if possible)."""
-  multihost.initialize(config)  # first: JAX cannot join a cluster once a backend exists
-  mesh = sharding.make_mesh()
-  sharding.local_batch_size(config.batch_size, mesh)  # fail before any compilation
-  sharding.local_batch_size(config.eval.batch_size, mesh, "eval.batch_size")
-  train_split = registry.load_split(config.data, config.data.train_split, log=log)
-  build_lib.check_tokenizer(config.model, config.data.get("tokenizer", "vocab"))
-  vocab = load_vocabulary(train_split, workdir, config.data.get("tokenizer", "vocab"))
-  model = build_lib.build_model(config.model, len(vocab))
-  if config.loss.get("set_negatives", 0) and config.loss.name != "soft_triplet":
-    raise ValueError(f"loss.set_negatives={config.loss.set_negatives} is read only by the "
-                     f"soft_triplet loss, not by loss.name={config.loss.name!r}")
-  train_data = pipeline.TrainPipeline(train_split, vocab, config.data.max_text_len,
-                                      config.batch_size, mesh, config.seed,
-                                      config.data.image_size, log=log,
-                                      set_negatives=config.loss.get("set_negatives", 0))
-  example = next(iter(train_data.dataset(0).take(1).as_numpy_iterator()))
-  example = {k: jax.ShapeDtypeStruct((config.batch_size,) + v.shape[1:], v.dtype)
-             for k, v in example.items()}
-  # The optimizer's parameter groups (freezing, lr multipliers) need the params' paths.
-  params_shape = jax.eval_shape(
-      lambda: model.init({"params": jax.random.key(0), "dropout": jax.random.key(0)},
-                         {k: jnp.zeros(v.shape, v.dtype) for k, v in example.items()},
-                         train=False))["params"]
-  tx = optim.make_optimizer(config.optimizer, params_shape)
-  state = train_state_lib.create_train_state(model, tx, example, config.seed, mesh)
-  return mesh, vocab, model, tx, train_data, state
-
-
-def restore_or_init(config, manager, state, log, model=None):
-  """Resume order: workdir checkpoint, then config.resume, then config.init_from, then scratch."""
-  state, step = checkpoint.restore_latest(manager, state, log)
-  if step is not None:
-    log(f"resumed from {manager.directory} at step {step}")
-    return state
-  if config.resume:
-    state, step = checkpoint.restore_from_directory(config.resume, state, log)
-    log(f"resumed from {config.resume} at step {step}")
-    return state
-  if config.init_from or config.get("init_from_image") or config.get("init_from_text"):
-    if model is None:
-      raise ValueError("restore_or_init: config.init_from needs the model (pass model=...)")
-    return init_from_lib.load_into_state(config, model, state, log)
-  log("training from scratch")
-  return state
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -204,18 +95,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     The final evaluation results (also written to `<workdir>/results.json`), or
     {'preempted': True, 'step', 'signal'} if a signal stopped training.
   """
-  get_loss_fn(config.loss)  # a bad loss name fails before loading data or compiling
+  experiment_lib.check_config(config)  # a bad name fails before any file is written
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   log = log_lib.Logger(workdir)
-  mesh, vocab, model, tx, train_data, state = setup(config, workdir, log)
+  experiment, train_data = experiment_lib.setup_training(config, workdir, log)
+  mesh, model = experiment.mesh, experiment.model
   log(f"mesh: {mesh.size} device(s) over {jax.process_count()} process(es); "
       f"global batch {config.batch_size}")
   manager = checkpoint.make_manager(workdir, config.keep_checkpoints, log)
-  state = restore_or_init(config, manager, state, log, model)
+  experiment = experiment_lib.restore_or_init(experiment, manager, log)
+  state = experiment.state
   start = int(jax.device_get(state.step))
-  train_step = make_train_step(model, tx, config.loss, mesh)
-  evaluator = evaluate_lib.Evaluator(config, model, vocab, mesh, log=log)
+  train_step = make_train_step(model, experiment.tx, config.loss, mesh)
+  evaluator = evaluate_lib.make_evaluator(config, model, experiment.vocab, mesh, log=log)
   writer = log_lib.SummaryWriter(workdir)
   schedule = optim.learning_rate_schedule(config.optimizer)
   progress = log_lib.Progress(config.num_train_steps, start, config.batch_size)

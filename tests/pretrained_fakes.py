@@ -5,24 +5,16 @@
   reference, every image its own label, and texts that name the target's
   "colour" (so the target is learnable from reference + text).
 * `use_split`: points a config's dataset at generated splits (patches the registry).
-* `run_steps`: a few train steps on a mesh of the first `devices` devices.
+* `run_steps`: `tests.fakes.run_steps` (a few train steps of the trainer's own code).
 * `tiny_clip_checkpoint` / `bert_tokenizer_dir`: save_pretrained directories.
 """
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from cir_jax import evaluate as evaluate_lib
-from cir_jax import optim
-from cir_jax import sharding
-from cir_jax import train
-from cir_jax import train_state
-from cir_jax.data import pipeline
 from cir_jax.data import registry
 from cir_jax.data.tables import RetrievalSplit
-from cir_jax.data.tokenizer_vocab import TokenizerVocabulary
-from cir_jax.data.vocab import Vocabulary
-from cir_jax.models import build
+from cir_jax.models import build  # noqa: F401 (tests use fakes.build)
+from tests import fakes
 
 COLOURS = ("red", "green", "blue", "yellow", "white", "black")
 SET_SIZE = 6
@@ -70,47 +62,10 @@ def use_split(monkeypatch, config, train_split, eval_split=None):
   monkeypatch.setitem(registry.LOADERS, config.data.name, load)
 
 
-def make_vocab(config, split):
-  """The word vocabulary of `split`, or the tokenizer of config.data.tokenizer."""
-  if config.data.tokenizer == "vocab":
-    return Vocabulary.build(split.texts)
-  return TokenizerVocabulary(config.data.tokenizer)
-
-
 def run_steps(config, split, devices, steps=2, evaluate=False):
-  """Trains `steps` steps on the first `devices` devices.
-
-  Returns:
-    (losses [steps], final state on the host, model), plus with `evaluate` the
-    gallery metrics of `split` (via the registry, see `use_split`) before and
-    after training.
-  """
-  mesh = sharding.make_mesh(jax.devices()[:devices])
-  vocab = make_vocab(config, split)
-  data = pipeline.TrainPipeline(split, vocab, config.data.max_text_len, config.batch_size, mesh,
-                                config.seed, config.data.image_size)
-  model = build_model(config, vocab)
-  example = {k: jax.ShapeDtypeStruct((config.batch_size,) + v.shape[1:], v.dtype)
-             for k, v in next(data.dataset(0).as_numpy_iterator()).items()}
-  shapes = jax.eval_shape(lambda: model.init(
-      {"params": jax.random.key(0), "dropout": jax.random.key(0)},
-      {k: jnp.zeros(v.shape, v.dtype) for k, v in example.items()}))["params"]
-  tx = optim.make_optimizer(config.optimizer, shapes)
-  state = train_state.create_train_state(model, tx, example, config.seed, mesh)
-  evaluator = before = None
-  if evaluate:
-    evaluator = evaluate_lib.Evaluator(config, model, vocab, mesh, log=lambda *_: None)
-    before = evaluator.evaluate({"params": state.params,
-                                 "batch_stats": state.batch_stats})["metrics"]
-  step_fn = train.make_train_step(model, tx, config.loss, mesh)
-  batches, losses = data.batches(0), []
-  for _ in range(steps):
-    state, metrics = step_fn(state, next(batches))
-    losses.append(float(metrics["loss"]))
-  if evaluate:
-    after = evaluator.evaluate({"params": state.params, "batch_stats": state.batch_stats})
-    return np.array(losses), jax.device_get(state), model, before, after["metrics"]
-  return np.array(losses), jax.device_get(state), model
+  """`tests.fakes.run_steps` as a tuple: (losses, state, model[, before, after])."""
+  run = fakes.run_steps(config, split, devices, steps, evaluate)
+  return tuple(run) if evaluate else tuple(run)[:3]
 
 
 def assert_sharded_equals_single(config, steps=2):
@@ -127,10 +82,6 @@ def assert_sharded_equals_single(config, steps=2):
   for a, b in zip(jax.tree.leaves(state_1.params), jax.tree.leaves(state_8.params)):
     np.testing.assert_allclose(b, a, atol=1e-5, rtol=1e-5)
   assert losses_1[0] != losses_1[1]  # the params really moved
-
-
-def build_model(config, vocab):
-  return build.build_model(config.model, len(vocab))
 
 
 def tiny_clip_checkpoint(directory, hidden=32, seed=0):

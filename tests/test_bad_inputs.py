@@ -14,17 +14,19 @@ import pytest
 from PIL import Image
 
 from cir_jax import checkpoint
-from cir_jax import optim
+from cir_jax import experiment
+from cir_jax import losses
 from cir_jax import sharding
 from cir_jax import train
-from cir_jax import train_state
-from cir_jax.data import checks
 from cir_jax.data import pipeline
 from cir_jax.data import registry
 from cir_jax.data.tables import RetrievalSplit
 from cir_jax.data.vocab import Vocabulary
-from cir_jax.models import build
 from cir_jax.models import composers
+from configs import tirg_cirr
+from configs import tirg_fashion200k
+from configs import tirg_fashioniq
+from configs import tirg_mit_states
 from tests import fakes
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -45,7 +47,7 @@ def _config(**overrides):
 @pytest.mark.parametrize("field,value,valid", [
     ("model.composer", "tirgg", f"valid composers: {sorted(composers.COMPOSERS)}"),
     ("data.name", "cssx", "valid datasets: "),  # the list is checked below
-    ("loss.name", "hinge", f"valid losses: {sorted(train.LOSSES)}"),
+    ("loss.name", "hinge", f"valid losses: {sorted(losses.LOSSES)}"),
 ])
 def test_unknown_names_list_the_valid_ones(tmp_path, random_dataset, field, value, valid):
   del random_dataset
@@ -90,14 +92,7 @@ def test_checkpoint_of_another_model_vs_a_real_train_state(tmp_path):
   # The real TrainState's key names (attributes, optax tuples) against Orbax's
   # saved tree; eval_shape traces the init without compiling it.
   config = _config()
-  split = fakes.random_split(num_queries=16)
-  vocab = Vocabulary.build(split.texts)
-  model = build.build_model(config.model, len(vocab))
-  tx = optim.make_optimizer(config.optimizer)
-  data = pipeline.TrainPipeline(split, vocab, 8, 8, _mesh(), 0, 32)
-  example = {k: jax.ShapeDtypeStruct(v.shape, v.dtype)
-             for k, v in next(data.dataset(0).as_numpy_iterator()).items()}
-  state = jax.eval_shape(lambda: train_state.create_train_state(model, tx, example, 0, _mesh()))
+  state = jax.eval_shape(lambda: experiment.build(config, _mesh(), range(20)).state)
   _save(tmp_path, {"step": jnp.int32(1), "params": {"composer": {"fc": {"kernel": jnp.ones(3)}}}})
   with pytest.raises(ValueError) as error:
     checkpoint.check_matches(tmp_path / "checkpoints" / "1", state)
@@ -107,20 +102,22 @@ def test_checkpoint_of_another_model_vs_a_real_train_state(tmp_path):
   assert "(+" in message  # the rest is counted, not listed
 
 
-def test_require_dir_names_the_field_and_path(tmp_path):
-  with pytest.raises(ValueError, match=r"data\.manual_dir is not set"):
-    checks.require_dir("", "data.manual_dir")
+@pytest.mark.parametrize("config_module", [tirg_cirr, tirg_fashioniq, tirg_fashion200k,
+                                           tirg_mit_states])
+def test_manual_dir_unset_missing_or_a_file_is_named(tmp_path, config_module):
+  # What a user of a real-dataset config hits first: train_and_evaluate loads the split.
+  config = config_module.get_config()
+  config.data.data_dir = str(tmp_path / "prepared")
+  with pytest.raises(ValueError, match=r"data\.manual_dir is empty\.\n"):
+    train.train_and_evaluate(config, tmp_path / "run")
+  config.data.manual_dir = str(tmp_path / "nope")
   with pytest.raises(FileNotFoundError, match=re.escape(
-      f"data.manual_dir='{tmp_path}/nope' does not exist")):
-    checks.require_dir(tmp_path / "nope", "data.manual_dir")
+      f"data.manual_dir='{tmp_path}/nope' does not exist.")):
+    train.train_and_evaluate(config, tmp_path / "run")
   (tmp_path / "file").write_text("x")
+  config.data.manual_dir = str(tmp_path / "file")
   with pytest.raises(FileNotFoundError, match="is a file, not a directory"):
-    checks.require_dir(tmp_path / "file", "data.manual_dir")
-  (tmp_path / "cirr" / "captions").mkdir(parents=True)
-  with pytest.raises(FileNotFoundError, match=re.escape("lacks ['image_splits']")):
-    checks.require_dir(tmp_path / "cirr", "data.manual_dir", contains=("captions", "image_splits"))
-  assert checks.require_dir(tmp_path / "cirr", "data.manual_dir",
-                            contains=("captions",)) == tmp_path / "cirr"
+    train.train_and_evaluate(config, tmp_path / "run")
 
 
 def _mesh():

@@ -70,7 +70,7 @@ def test_shapes_convex_mix_and_frozen_towers():
 
 def test_temperature_ce_loss_uses_the_config_temperature():
   config = combiner_cirr.get_config("tiny")
-  fn = train.get_loss_fn(config.loss)
+  fn = losses.get_loss_fn(config.loss)
   q = jnp.eye(4, 8)
   expected = -np.log(np.exp(100.0) / (np.exp(100.0) + 3))
   np.testing.assert_allclose(fn(q, q, jnp.arange(4)), expected, rtol=1e-5)

@@ -3,6 +3,7 @@ import jax
 import numpy as np
 import pytest
 
+from cir_jax import experiment
 from cir_jax import train
 from cir_jax.data import registry
 from configs import tirg_css
@@ -37,6 +38,7 @@ def test_query_2d_trains_and_evaluates_end_to_end(tmp_path):
   assert results["step"] == 3 and results["num_queries"] == len(split.texts)
   assert set(results["metrics"]) >= {"R@1", "R@5", "R@10", "R@50"}
   assert all(0.0 <= v <= 100.0 for v in results["metrics"].values())
-  _, _, _, _, _, state = train.setup(config, tmp_path / "run", log=lambda _: None)
-  params = jax.device_get(state.params)
+  exp, step = experiment.restore_for_evaluation(config, tmp_path / "run", log=lambda _: None)
+  assert step == 3
+  params = jax.device_get(exp.state.params)
   assert {"query_image_encoder", "query_proj", "image_encoder", "target_proj"} <= set(params)

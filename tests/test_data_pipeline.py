@@ -82,21 +82,21 @@ def test_process_slices_partition_the_global_batch(monkeypatch):
   np.testing.assert_array_equal(np.concatenate(slices), whole)
 
 
-def test_eval_batches_pad_with_a_mask():
+def test_eval_batches_pad_to_whole_global_batches():
   split = fakes.random_split(num_images=21, num_queries=13)
   mesh = sharding.make_mesh(jax.devices()[:8])
   vocab = Vocabulary.build(split.texts)
   data = pipeline.EvalPipeline(split, vocab, 8, 8, mesh, 32)
   gallery = list(data.gallery_batches())
-  assert len(gallery) == 3
-  valid = np.concatenate([np.asarray(b["valid"]) for b in gallery])
-  assert valid.sum() == 21 and valid[:21].all()
-  images = np.concatenate([np.asarray(b["image"]) for b in gallery])[:21]
-  np.testing.assert_array_equal(images, split.images)
+  assert len(gallery) == 3 and set(gallery[0]) == {"image"}
+  images = np.concatenate([np.asarray(b["image"]) for b in gallery])
+  assert images.shape[0] == 24  # 21 rows + 3 of padding (item 0), masked by the evaluator
+  np.testing.assert_array_equal(images[:21], split.images)
+  np.testing.assert_array_equal(images[21:], split.images[[0, 0, 0]])
   queries = list(data.query_batches())
-  assert sum(np.asarray(b["valid"]).sum() for b in queries) == 13
-  refs = np.concatenate([np.asarray(b["ref_image"]) for b in queries])[:13]
-  np.testing.assert_array_equal(refs, split.images[split.ref_index])
+  assert len(queries) == 2 == data.num_steps(13)
+  refs = np.concatenate([np.asarray(b["ref_image"]) for b in queries])
+  np.testing.assert_array_equal(refs[:13], split.images[split.ref_index])
 
 
 def test_bad_inputs_are_named():

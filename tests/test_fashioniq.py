@@ -6,7 +6,7 @@ import shutil
 import ml_collections
 import pytest
 
-from cir_jax import protocols
+from cir_jax import evaluate
 from cir_jax.data import fashioniq
 from tests import placeholder_images
 
@@ -109,7 +109,7 @@ def test_aggregate_three_categories():
     return {"num_queries": 10, "num_gallery": 20, "protocol": "p", "skipped": {"images": 1},
             "metrics": {"R@10": r10, "R@50": r50, "include_ref/R@10": i10,
                         "include_ref/R@50": i50}}
-  out = protocols.aggregate_fashioniq({"dress": result(10, 40, 8, 30),
+  out = evaluate.aggregate_fashioniq({"dress": result(10, 40, 8, 30),
                                        "shirt": result(20, 50, 18, 40),
                                        "toptee": result(30, 60, 28, 50)})
   m = out["metrics"]

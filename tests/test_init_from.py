@@ -1,24 +1,14 @@
 """config.init_from: a save_pretrained CLIP directory strictly fills the model's CLIP towers."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from cir_jax import checkpoint
-from cir_jax import optim
+from cir_jax import experiment
 from cir_jax import pretrained
-from cir_jax import sharding
-from cir_jax import train
-from cir_jax import train_state
 from configs import ssn_cirr
 from tests import fakes as base_fakes
 from tests import pretrained_fakes as fakes
-
-EXAMPLE = {"ref_image": jax.ShapeDtypeStruct((8, 32, 32, 3), jnp.uint8),
-           "target_image": jax.ShapeDtypeStruct((8, 32, 32, 3), jnp.uint8),
-           "text_ids": jax.ShapeDtypeStruct((8, 16), jnp.int32),
-           "text_mask": jax.ShapeDtypeStruct((8, 16), jnp.bool_)}
-
 
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory):
@@ -26,13 +16,10 @@ def clip_dir(tmp_path_factory):
 
 
 def _restore(config, workdir):
-  model = fakes.build.build_model(config.model, 20)
-  mesh = sharding.make_mesh()
-  tx = optim.make_optimizer(config.optimizer)
-  state = train_state.create_train_state(model, tx, EXAMPLE, config.seed, mesh)
-  fresh = jax.device_get(state.params)
+  exp = experiment.build(config, experiment.make_mesh(config), vocab=range(20))
+  fresh = jax.device_get(exp.state.params)
   manager = checkpoint.make_manager(workdir, 1)
-  return model, fresh, train.restore_or_init(config, manager, state, lambda *_: None, model)
+  return exp.model, fresh, experiment.restore_or_init(exp, manager, lambda *_: None).state
 
 
 def test_loaded_towers_equal_the_checkpoint(clip_dir, tmp_path):

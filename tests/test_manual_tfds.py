@@ -12,12 +12,11 @@ import tensorflow_datasets as tfds
 from cir_jax.data import cirr
 from cir_jax.data import fashion200k
 from cir_jax.data import fashioniq
-from cir_jax.data import manual_tfds
 from cir_jax.data import mit_states
 from cir_jax.data.tables import RetrievalSplit
 from tests import placeholder_images
 from tests.test_fashion200k import QUERIES as F200K_QUERIES
-from tests.test_fashioniq import fiq_dir  # pylint: disable=unused-import (a fixture)
+from tests.test_fashioniq import fiq_dir  # noqa: F401,F811 (a fixture)
 from tests.test_fashion200k import write_fixture as write_f200k
 from tests.test_mit_states import FOLDERS as MIT_FOLDERS
 
@@ -83,7 +82,7 @@ def test_cirr_builder_matches_parser(cirr_root, tmp_path, split, counts):
     assert (loaded.target_index == -1).all() and cirr.EMPTY_CAPTION in loaded.texts
 
 
-def test_fashioniq_builder_matches_parser(fiq_dir, tmp_path):
+def test_fashioniq_builder_matches_parser(fiq_dir, tmp_path):  # noqa: F811 (the imported fixture)
   builder = prepare("cir_fashioniq/dress.val.and", tmp_path, fiq_dir)
   assert builder.info.splits["val"].num_examples == 2017
   assert len(builder.info.metadata["gallery"]["image_ids"]) == 3817

@@ -12,6 +12,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from cir_jax import retrieval
+from cir_jax import sharding
 
 
 @pytest.fixture(scope='module')
@@ -22,7 +23,7 @@ def mesh8():
 
 @pytest.fixture(scope='module')
 def mesh1():
-  return retrieval.single_device_mesh()
+  return sharding.single_device_mesh()
 
 
 # ---------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import pytest
 import transformers
 
 from cir_jax import text
+from cir_jax.data.tokenizer_vocab import TokenizerVocabulary
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 CHARS = sorted(set("abcdefghijklmnopqrstuvwxyz0123456789.,!?'-"))
@@ -94,3 +95,25 @@ def test_bad_inputs_fail_clearly(clip_dir, tmp_path):
     text.tokenize(tokenizer, [None], max_len=8)
   with pytest.raises(FileNotFoundError, match="does not exist"):
     text.load_tokenizer(str(tmp_path / "nowhere"))
+
+
+def test_tokenizer_vocabulary_tokenises_each_text_once_and_counts_truncation(clip_dir):
+  vocab = TokenizerVocabulary(clip_dir)
+  calls = []
+  original = type(vocab.tokenizer).__call__
+
+  def counting(self, texts, *args, **kwargs):
+    calls.append(len(texts))
+    return original(self, texts, *args, **kwargs)
+
+  type(vocab.tokenizer).__call__ = counting
+  try:
+    ids, mask, truncated = vocab.encode(SENTENCES, max_len=6)
+  finally:
+    type(vocab.tokenizer).__call__ = original
+  assert calls == [len(SENTENCES)]  # one pass over the texts
+  full = [vocab.tokenizer(s)["input_ids"] for s in SENTENCES]
+  assert truncated == sum(len(f) > 6 for f in full) == 2
+  reference = vocab.tokenizer(SENTENCES, truncation=True, max_length=6, padding="max_length")
+  np.testing.assert_array_equal(ids, reference["input_ids"])
+  np.testing.assert_array_equal(mask, np.asarray(reference["attention_mask"], bool))

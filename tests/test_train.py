@@ -1,38 +1,16 @@
 """The train step: sharded == single device, resume == uninterrupted, errors before compiling."""
-import json
-
 import jax
 import numpy as np
 import pytest
 
-from cir_jax import optim
-from cir_jax import sharding
-from cir_jax import train
-from cir_jax import train_state
-from cir_jax.data import pipeline
-from cir_jax.data.vocab import Vocabulary
-from cir_jax.models import build
+from cir_jax import losses
 from tests import fakes
 
 
 def run_steps(config, split, devices, steps=3):
   """Trains `steps` steps on the first `devices` devices; returns (losses, params)."""
-  mesh = sharding.make_mesh(jax.devices()[:devices])
-  vocab = Vocabulary.build(split.texts)
-  data = pipeline.TrainPipeline(split, vocab, 8, config.batch_size, mesh, config.seed,
-                                config.data.image_size,
-                                set_negatives=config.loss.get("set_negatives", 0))
-  model = build.build_model(config.model, len(vocab))
-  tx = optim.make_optimizer(config.optimizer)
-  example = {k: jax.ShapeDtypeStruct((config.batch_size,) + v.shape[1:], v.dtype)
-             for k, v in next(data.dataset(0).as_numpy_iterator()).items()}
-  state = train_state.create_train_state(model, tx, example, config.seed, mesh)
-  step_fn = train.make_train_step(model, tx, config.loss, mesh)
-  batches, losses = data.batches(0), []
-  for _ in range(steps):
-    state, metrics = step_fn(state, next(batches))
-    losses.append(float(metrics["loss"]))
-  return np.array(losses), jax.device_get(state.params)
+  run = fakes.run_steps(config, split, devices, steps)
+  return run.losses, run.state.params
 
 
 @pytest.mark.parametrize("composer,loss", [("tirg_lastconv", "soft_triplet"),
@@ -55,4 +33,4 @@ def test_unknown_loss_lists_valid_ones():
   with pytest.raises(ValueError, match="valid losses: \\['batch_classification', "
                      "'batch_hard_triplet', 'general_k', 'soft_triplet', 'ssn', "
                      "'temperature_ce'\\]"):
-    train.get_loss_fn(config.loss)
+    losses.get_loss_fn(config.loss)

@@ -24,14 +24,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
-from cir_jax import optim  # pylint: disable=g-import-not-at-top
-from cir_jax import sharding  # pylint: disable=g-import-not-at-top
+from cir_jax import experiment  # pylint: disable=g-import-not-at-top
 from cir_jax import train  # pylint: disable=g-import-not-at-top
-from cir_jax import train_state  # pylint: disable=g-import-not-at-top
 from cir_jax.data import pipeline  # pylint: disable=g-import-not-at-top
 from cir_jax.data import random_data  # pylint: disable=g-import-not-at-top
 from cir_jax.data.vocab import Vocabulary  # pylint: disable=g-import-not-at-top
-from cir_jax.models import build  # pylint: disable=g-import-not-at-top
 from configs import common  # pylint: disable=g-import-not-at-top
 
 
@@ -59,19 +56,18 @@ def bench_train_step(args, image_size: int, negatives: str, conv_impl: str, peak
   config.model.dtype = args.dtype
   config.model.conv_impl = conv_impl
   config.loss.negatives = negatives
-  config.batch_size = args.batch
-  mesh = sharding.make_mesh(jax.devices()[:args.devices] if args.devices else None)
+  config.batch_size = config.eval.batch_size = args.batch
+  config.data.image_size, config.data.max_text_len = image_size, 8
+  mesh = experiment.make_mesh(config, jax.devices()[:args.devices] if args.devices else None)
   split = random_data.random_split(num_images=4 * args.batch, num_queries=8 * args.batch,
                                    image_size=image_size)
   vocab = Vocabulary.build(split.texts)
   data = pipeline.TrainPipeline(split, vocab, 8, args.batch, mesh, 0, image_size)
-  model = build.build_model(config.model, len(vocab))
-  tx = optim.make_optimizer(config.optimizer)
+  exp = experiment.build(config, mesh, vocab)
+  state = exp.state
   batches = data.batches(0)
   batch = next(batches)
-  example = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
-  state = train_state.create_train_state(model, tx, example, 0, mesh)
-  step = train.make_train_step(model, tx, config.loss, mesh)
+  step = train.make_train_step(exp.model, exp.tx, config.loss, mesh)
   t = time.perf_counter()
   compiled = step.lower(state, batch).compile()
   compile_s = time.perf_counter() - t

@@ -205,7 +205,7 @@ def _available(backend):
   if backend != 'faiss':
     return True
   try:
-    import faiss  # pylint: disable=import-outside-toplevel,unused-import
+    import faiss  # noqa: F401 (only whether it imports)
     return True
   except ImportError:
     return False

@@ -17,10 +17,9 @@ from absl import flags
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from cir_jax import checkpoint  # pylint: disable=g-import-not-at-top,wrong-import-position
 from cir_jax import cirr_submission  # pylint: disable=wrong-import-position
 from cir_jax import evaluate  # pylint: disable=wrong-import-position
-from cir_jax import train  # pylint: disable=wrong-import-position
+from cir_jax import experiment  # pylint: disable=wrong-import-position
 from cir_jax.data import cirr  # pylint: disable=wrong-import-position
 from cir_jax.utils import flags as flags_lib  # pylint: disable=wrong-import-position
 from cir_jax.utils import logging as log_lib  # pylint: disable=wrong-import-position
@@ -34,15 +33,11 @@ def main(argv):
   if config.data.name != "cirr":
     raise ValueError(f"--config must be a CIRR config, got data.name={config.data.name!r}")
   log = log_lib.Logger(workdir)
-  mesh, vocab, model, _, _, state = train.setup(config, workdir, log)
-  state, step = checkpoint.restore_latest(
-      checkpoint.make_manager(workdir, config.keep_checkpoints), state)
-  if step is None:
-    raise FileNotFoundError(f"no checkpoint in {workdir}; train first")
-  evaluator = evaluate.Evaluator(config, model, vocab, mesh, split="test1", log=log)
-  variables = {"params": state.params, "batch_stats": state.batch_stats}
-  top, subset = cirr_submission.predict(evaluator.embed_queries(variables),
-                                        evaluator.embed_gallery(variables), evaluator.split, mesh)
+  exp, step = experiment.restore_for_evaluation(config, workdir, log)
+  evaluator = evaluate.Evaluator(config, exp.model, exp.vocab, exp.mesh, split="test1", log=log)
+  top, subset = cirr_submission.predict(evaluator.embed_queries(exp.variables),
+                                        evaluator.embed_gallery(exp.variables), evaluator.split,
+                                        exp.mesh)
   recall, recall_subset = cirr_submission.make_submission(evaluator.split, top, subset)
   cirr_submission.validate_submission(
       recall, recall_subset, cirr.load_annotations(config.data.manual_dir, "test1"),

@@ -30,10 +30,9 @@ from absl import app
 from absl import flags
 from PIL import Image, ImageDraw
 
-from cir_jax import checkpoint
 from cir_jax import evaluate as evaluate_lib
+from cir_jax import experiment
 from cir_jax import retrieval
-from cir_jax import train
 from cir_jax.data import registry
 from cir_jax.data.tables import RetrievalSplit
 from cir_jax.utils import flags as flags_lib
@@ -64,12 +63,8 @@ def define_tool_flags():
 
 def restore(config, workdir, log):
   """(mesh, vocab, model, variables, step) of the newest checkpoint, as evaluate_workdir."""
-  mesh, vocab, model, _, _, state = train.setup(config, workdir, log)
-  manager = checkpoint.make_manager(workdir, config.keep_checkpoints, log)
-  state, step = checkpoint.restore_latest(manager, state, log)
-  if step is None:
-    raise FileNotFoundError(f"no checkpoint in {manager.directory}; train first")
-  return mesh, vocab, model, {"params": state.params, "batch_stats": state.batch_stats}, step
+  exp, step = experiment.restore_for_evaluation(config, workdir, log)
+  return exp.mesh, exp.vocab, exp.model, exp.variables, step
 
 
 def folder_gallery(directory) -> RetrievalSplit:

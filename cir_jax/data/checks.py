@@ -2,34 +2,28 @@
 
 Real datasets (CIRR, FashionIQ, Fashion200k, MIT-States) are read from a
 `data.manual_dir` the user downloaded. A wrong path should fail at once, naming
-the config field and what was expected there, not deep inside a loader as an
-opaque "No such file" on some derived path.
+the config field, the path and what belongs there, not deep inside TFDS as an
+assertion about some derived path.
 """
 import pathlib
-from typing import Sequence
 
 
-def require_dir(path, what: str, contains: Sequence[str] = ()) -> pathlib.Path:
-  """Returns `path` as a Path if it is a directory holding every entry of `contains`.
+def require_manual_dir(data_config, instructions: str) -> pathlib.Path:
+  """Returns `data_config.manual_dir` as a Path if it is a directory.
 
   Args:
-    path: the directory (str or Path; '~' is expanded).
-    what: how the user set it, e.g. 'data.manual_dir' (named in the error).
-    contains: relative paths (files or folders) that must exist inside it.
+    data_config: `config.data`.
+    instructions: the dataset's MANUAL_DOWNLOAD_INSTRUCTIONS (appended to errors).
 
   Raises:
-    ValueError: `path` is empty (the field was never set).
-    FileNotFoundError: `path` is not a directory, or misses some of `contains`.
+    ValueError: data.manual_dir is empty (never set).
+    FileNotFoundError: it does not exist or is a file.
   """
-  if not str(path or "").strip():
-    raise ValueError(f"{what} is not set: point it at the downloaded dataset "
-                     f"(e.g. --config.{what}=/path/to/it)")
+  path = str(data_config.manual_dir or "").strip()
+  if not path:
+    raise ValueError("data.manual_dir is empty.\n" + instructions)
   directory = pathlib.Path(path).expanduser()
   if not directory.is_dir():
     kind = "is a file, not a directory" if directory.exists() else "does not exist"
-    raise FileNotFoundError(f"{what}={str(path)!r} {kind}")
-  missing = [name for name in contains if not (directory / name).exists()]
-  if missing:
-    raise FileNotFoundError(f"{what}={str(path)!r} lacks {missing}; expected it to contain "
-                            f"{list(contains)}")
+    raise FileNotFoundError(f"data.manual_dir={path!r} {kind}.\n" + instructions)
   return directory

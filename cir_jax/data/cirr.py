@@ -34,6 +34,7 @@ import pathlib
 
 import numpy as np
 
+from cir_jax.data import checks
 from cir_jax.data import manual
 from cir_jax.data import manual_tfds
 from cir_jax.data.tables import RetrievalSplit
@@ -217,8 +218,7 @@ def load_cirr_split(data_config, split: str, log=print, check_images: bool = Tru
   """
   if split not in SPLITS:
     raise ValueError(f"CIRR has no split {split!r}; splits: {list(SPLITS)}")
-  if not data_config.manual_dir:
-    raise ValueError("data.manual_dir is empty.\n" + MANUAL_DOWNLOAD_INSTRUCTIONS)
+  checks.require_manual_dir(data_config, MANUAL_DOWNLOAD_INSTRUCTIONS)
   parsed = manual_tfds.load_prepared(Cirr, split, data_config.get("data_dir"),
                                      data_config.manual_dir, log)
   out = parsed.to_split(data_config.manual_dir, skip_missing=data_config.skip_missing_images,

@@ -93,11 +93,6 @@ def make_scene(objects) -> Scene:
   return scene
 
 
-def describe_object(obj: Obj) -> str:
-  """Human-readable object, e.g. 'large red cube at top-left'."""
-  return f"{SIZES[obj.size]} {COLORS[obj.color]} {SHAPES[obj.shape]} at {POSITIONS[obj.cell]}"
-
-
 def random_scene(rng: np.random.Generator, split: str) -> Scene:
   """Draws a reference scene of MIN_OBJECTS..MAX_OBJECTS objects allowed in `split`."""
   combos = np.argwhere(allowed_combinations(split))  # [K, 2] (shape, colour)

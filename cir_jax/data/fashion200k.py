@@ -39,6 +39,7 @@ import re
 
 import numpy as np
 
+from cir_jax.data import checks
 from cir_jax.data import manual
 from cir_jax.data import manual_tfds
 from cir_jax.data.tables import RetrievalSplit
@@ -254,8 +255,7 @@ def load_fashion200k_split(data_config, split: str, log=print) -> RetrievalSplit
   """
   if split not in SPLITS:
     raise ValueError(f"Fashion200k has no split {split!r}; splits: {list(SPLITS)}")
-  if not data_config.manual_dir:
-    raise ValueError("data.manual_dir is empty.\n" + MANUAL_DOWNLOAD_INSTRUCTIONS)
+  checks.require_manual_dir(data_config, MANUAL_DOWNLOAD_INSTRUCTIONS)
   config = (make_config(split, data_config.pairs_per_image, data_config.dataset_seed)
             if split == "train" else make_config(split))
   parsed = manual_tfds.load_prepared(Fashion200k, config.name, data_config.get("data_dir"),

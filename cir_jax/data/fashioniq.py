@@ -17,7 +17,7 @@ Protocol (as SSN, which follows CLIP4Cir / Baldrati et al. 2022):
   listing all four forms as separate training queries: uniform sampling over
   the expanded list draws each form with the same probability;
 * R@10 and R@50 per category, their averages over the three categories and
-  the mean of the two averages (`cir_jax.protocols.evaluate_fashioniq`);
+  the mean of the two averages (`cir_jax.evaluate.FashionIQEvaluator`);
 * CLIP4Cir (hence SSN) does NOT remove the reference image from the ranking;
   TIRG-family code does. Both variants are reported (eval.gallery_variants),
   each metric key names its variant.
@@ -38,6 +38,7 @@ import pathlib
 
 import numpy as np
 
+from cir_jax.data import checks
 from cir_jax.data import manual
 from cir_jax.data import manual_tfds
 from cir_jax.data.tables import RetrievalSplit
@@ -240,8 +241,7 @@ def load_fashioniq_split(data_config, split: str, log=print, check_images: bool 
   """
   if split not in SPLITS:
     raise ValueError(f"FashionIQ has no split {split!r}; splits: {list(SPLITS)}")
-  if not data_config.manual_dir:
-    raise ValueError("data.manual_dir is empty.\n" + MANUAL_DOWNLOAD_INSTRUCTIONS)
+  checks.require_manual_dir(data_config, MANUAL_DOWNLOAD_INSTRUCTIONS)
   categories = (tuple(data_config.train_categories) if split == "train"
                 else (data_config.category,))
   config = make_config(categories, split, data_config.caption_join)

@@ -41,6 +41,7 @@ import re
 
 import numpy as np
 
+from cir_jax.data import checks
 from cir_jax.data import manual
 from cir_jax.data import manual_tfds
 from cir_jax.data.tables import RetrievalSplit
@@ -248,8 +249,7 @@ def load_mit_states_split(data_config, split: str, log=print) -> RetrievalSplit:
   manual_dir. Reads manual_dir, data_dir, mit_states_split,
   skip_missing_images and, for train, pairs_per_image and dataset_seed.
   """
-  if not data_config.manual_dir:
-    raise ValueError("data.manual_dir is empty.\n" + MANUAL_DOWNLOAD_INSTRUCTIONS)
+  checks.require_manual_dir(data_config, MANUAL_DOWNLOAD_INSTRUCTIONS)
   kind = data_config.mit_states_split
   config = (make_config(kind, split, data_config.pairs_per_image, data_config.dataset_seed)
             if split == "train" else make_config(kind, split))

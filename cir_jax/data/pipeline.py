@@ -225,18 +225,17 @@ class TrainPipeline:
 
 
 def _padded_batches(num_items: int, global_batch: int, local_batch: int):
-  """Index and validity arrays per eval step, padded so every process runs the same steps."""
+  """This process's item indices per eval step, padded (with item 0) so that every
+  process runs the same steps; rows past `num_items` are padding the evaluator masks."""
   steps = max(1, -(-num_items // global_batch))
   padded = np.arange(steps * global_batch)
-  valid = padded < num_items
-  padded = np.where(valid, padded, 0)
+  padded = np.where(padded < num_items, padded, 0)
   for s in range(steps):
-    window = slice(s * global_batch, (s + 1) * global_batch)
-    yield (_process_slice(padded[window], local_batch), _process_slice(valid[window], local_batch))
+    yield _process_slice(padded[s * global_batch:(s + 1) * global_batch], local_batch)
 
 
 class EvalPipeline:
-  """Query and gallery batches of one split for evaluation, each with a 'valid' mask."""
+  """Query and gallery batches of one split for evaluation, padded to whole global batches."""
 
   def __init__(self, split: RetrievalSplit, vocab: Vocabulary, max_len: int, global_batch: int,
                mesh, image_size: int, max_queries: int = 0, log=print):
@@ -252,18 +251,17 @@ class EvalPipeline:
                          else _ImageSource(split.query_images, None, image_size))
 
   def _batches(self, num_items, make):
-    for index, valid in _padded_batches(num_items, self.global_batch, self.local_batch):
+    for index in _padded_batches(num_items, self.global_batch, self.local_batch):
       local = make(tf.constant(index, tf.int64))
-      local["valid"] = valid
       yield sharding.to_global({k: np.asarray(v) for k, v in local.items()}, self.mesh)
 
   def gallery_batches(self) -> Iterator[dict]:
-    """dict 'image' uint8 [B, S, S, 3], 'valid' bool [B]."""
+    """dict 'image' uint8 [B, S, S, 3]; rows past `split.num_images` are padding."""
     return self._batches(self.split.num_images,
                          lambda i: {"image": self.gallery_source.load(i)})
 
   def query_batches(self) -> Iterator[dict]:
-    """dict 'ref_image', 'text_ids', 'text_mask', 'valid'."""
+    """dict 'ref_image', 'text_ids', 'text_mask'; rows past `num_queries` are padding."""
     ref = np.maximum(np.asarray(self.split.ref_index), 0)
 
     def make(i):

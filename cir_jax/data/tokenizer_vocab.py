@@ -8,8 +8,6 @@ tokenise every split once, up front, either way.
 """
 from typing import Sequence
 
-import numpy as np
-
 from cir_jax import text as text_lib
 
 
@@ -24,7 +22,8 @@ class TokenizerVocabulary:
     return len(self.tokenizer)
 
   def encode(self, texts: Sequence[str], max_len: int):
-    """-> ids int32 [N, max_len], mask bool [N, max_len], number of truncated texts."""
-    ids, mask = text_lib.tokenize(self.tokenizer, texts, max_len)
-    lengths = np.array([len(x) for x in self.tokenizer(list(texts))["input_ids"]])
-    return ids, mask.astype(bool), int((lengths > max_len).sum())
+    """-> ids int32 [N, max_len], mask bool [N, max_len], number of truncated texts.
+
+    Each text goes through the tokenizer once (`text.tokenize_counting`)."""
+    ids, mask, truncated = text_lib.tokenize_counting(self.tokenizer, texts, max_len)
+    return ids, mask.astype(bool), truncated
