@@ -12,7 +12,11 @@ import os
 from typing import Sequence
 
 import numpy as np
-import transformers
+
+# transformers prints "PyTorch was not found..." (an advisory warning) on import;
+# our towers are Flax, so a runtime install without torch is the normal case.
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+import transformers  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def load_tokenizer(path: str) -> transformers.PreTrainedTokenizerBase:

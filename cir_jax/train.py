@@ -133,6 +133,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         checkpoint.save(manager, step, state)
       if stopping:
         manager.wait_until_finished()
+        manager.close()
+        batches.close()
         writer.close()
         log(f"{stop.name}: saved a checkpoint at step {step} and stopped; run the same "
             f"command to resume from it")
@@ -144,6 +146,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                               "perf/eval_sec": time.perf_counter() - eval_start})
         log(evaluate_lib.format_table(results))
   manager.wait_until_finished()
+  manager.close()
+  batches.close()  # stops the input pipeline's prefetching threads now, not at exit
   if not results:  # nothing left to train: evaluate the restored state
     results = evaluator.evaluate({"params": state.params, "batch_stats": state.batch_stats})
     log(evaluate_lib.format_table(results))
@@ -156,4 +160,4 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 if __name__ == "__main__":
   from cir_jax.utils import flags as flags_lib  # pylint: disable=g-import-not-at-top
-  flags_lib.run(train_and_evaluate)
+  flags_lib.run(train_and_evaluate, creates_workdir=True)

@@ -23,7 +23,6 @@ def get_config(arg=None):
   c.eval.gallery_variants = ("exclude_ref", "include_ref")
   if arg.tiny:
     common.use_tiny_encoders(c, "clip_vision_tiny", "clip_text_tiny")
-    c.eval.ks = (1, 5, 10)
   if arg.steps:
     c.num_train_steps = arg.steps
   return c

@@ -148,7 +148,6 @@ def use_tiny_encoders(c, image_encoder: str, text_encoder: str, width: int = 32)
   c.eval_every_steps = c.checkpoint_every_steps = c.log_every_steps = 1
   c.eval.batch_size = 16
   c.eval.block_size = 8
-  c.eval.ks = (1, 5, 10)
   c.optimizer.decay_steps = ()
   c.optimizer.freeze_after_steps = min(c.optimizer.freeze_after_steps, 1)
   return c

@@ -34,7 +34,6 @@ def get_config(arg=None):
     c.model.composer_kwargs.hidden_dim = 32
     c.model.composer_kwargs.ffn_dim = 64
     c.loss.kl_weight = 1.0 / c.batch_size
-    c.eval.ks = (1, 5, 10)
   if arg.steps:
     c.num_train_steps = arg.steps
   return c

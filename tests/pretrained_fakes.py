@@ -110,3 +110,29 @@ def bert_tokenizer_dir(directory, words=()):
                              do_lower_case=True).save_pretrained(directory)
   return str(directory)
 
+
+
+def assert_protocol_results(results, config, split, steps=1):
+  """`train_and_evaluate`'s results follow the config's protocol on the generated `split`
+  (used as every category's val split for FashionIQ): the metric names of config.eval.ks
+  (and CIRR's subset recall, since the split has image sets), values in [0, 100] that
+  never decrease with K, and the counts of the split."""
+  assert results["step"] == steps
+  ks = tuple(config.eval.ks)
+  metrics = results["metrics"]
+  if config.data.name == "fashioniq":
+    expected = {f"{c}/R@{k}" for c in ("dress", "shirt", "toptee") for k in ks}
+    expected |= {"avg/R@10", "avg/R@50", "avg/mean(R@10,R@50)"}
+    assert set(metrics) >= expected, sorted(metrics)
+    assert results["num_queries"] == 3 * split.num_queries
+    families = [[f"{c}/R@{k}" for k in ks] for c in ("dress", "shirt", "toptee")]
+  else:
+    assert {f"R@{k}" for k in ks} <= set(metrics), sorted(metrics)
+    assert {"R_subset@1", "R_subset@2", "R_subset@3"} <= set(metrics)
+    assert results["num_queries"] == split.num_queries
+    assert results["num_gallery"] == split.num_images
+    families = [[f"R@{k}" for k in ks], ["R_subset@1", "R_subset@2", "R_subset@3"]]
+  assert all(0.0 <= v <= 100.0 for v in metrics.values()), metrics
+  for family in families:
+    values = [metrics[name] for name in family]
+    assert values == sorted(values), (family, values)

@@ -66,10 +66,10 @@ def test_config_with_hf_tokenizer_runs_one_step_and_one_eval(monkeypatch, tmp_pa
       1e-5, 32, "linear")
   assert full.num_train_steps == 300 * (28_225 // 32) == full.optimizer.total_steps
   config.data.tokenizer = fakes.bert_tokenizer_dir(tmp_path)
-  split = fakes.cirr_like_split(num_sets=2, queries_per_set=4)
+  split = fakes.cirr_like_split(num_sets=9, queries_per_set=1)  # 54 images: R@50 defined
   fakes.use_split(monkeypatch, config, split)
   results = train.train_and_evaluate(config, tmp_path / "run")
-  assert results["step"] == 1 and "R@1" in results["metrics"]
+  fakes.assert_protocol_results(results, config, split)
   assert not (tmp_path / "run" / "vocab.json").exists()  # the HF tokenizer, not a word vocab
 
 

@@ -400,11 +400,28 @@ def test_global_batch_general_k_enumerated(mesh8):
                                  jnp.float32(t), mesh8, k=3, m=None, rng=None)
   np.testing.assert_allclose(got, np_general_k_enumerated(q, t, np.arange(8),
                                                           3), rtol=1e-5)
-  # Sampled sets: the rng is folded per device, the result is finite.
-  sampled = losses.global_batch_loss(losses.general_k_loss, jnp.float32(q),
-                                     jnp.float32(t), mesh8, k=3, m=2,
-                                     rng=jax.random.key(0))
-  assert np.isfinite(float(sampled))
+  # Sampled sets: finite, and another key draws other sets.
+  sampled = [float(losses.global_batch_loss(losses.general_k_loss, jnp.float32(q),
+                                            jnp.float32(t), mesh8, k=3, m=2,
+                                            rng=jax.random.key(seed)))
+             for seed in (0, 1)]
+  assert np.all(np.isfinite(sampled)) and sampled[0] != sampled[1]
+
+
+def test_global_batch_loss_draws_independently_on_each_device(mesh8):
+  # A "loss" that returns its own random draw: the pmean over the 8 devices must be
+  # the mean of 8 different draws (rng folded with the device index), not one draw.
+  def draw(query, candidates, positive_index, rng):
+    del query, candidates, positive_index
+    return jax.random.uniform(rng)
+
+  key = jax.random.key(0)
+  got = float(losses.global_batch_loss(draw, jnp.ones((8, 2)), jnp.ones((8, 2)), mesh8,
+                                       rng=key))
+  per_device = [float(jax.random.uniform(jax.random.fold_in(key, d))) for d in range(8)]
+  assert len(set(per_device)) == 8
+  np.testing.assert_allclose(got, np.mean(per_device), rtol=1e-6)
+  assert abs(got - float(jax.random.uniform(key))) > 1e-3
 
 
 def test_global_batch_loss_rejects_indivisible_batch(mesh8):

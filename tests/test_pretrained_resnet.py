@@ -4,8 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+import torch  # a required test extra (pyproject [test]): missing it is an error
+import transformers
 
 from cir_jax import pretrained  # pylint: disable=g-import-not-at-top
 

@@ -10,14 +10,11 @@ import jax
 import numpy as np
 import pytest
 
-from cir_jax import optim
+from cir_jax import experiment
 from cir_jax import retrieval
-from cir_jax import sharding
 from cir_jax import train
-from cir_jax import train_state
 from cir_jax.data import pipeline
 from cir_jax.data.vocab import Vocabulary
-from cir_jax.models import build
 from tests import fakes
 
 
@@ -25,15 +22,13 @@ from tests import fakes
 def test_logged_batch_recall_equals_eval_recall_of_the_same_embeddings():
   config = fakes.tiny_config("concat", batch_size=16)
   split = fakes.random_split(num_queries=40)
-  mesh = sharding.make_mesh()  # 8 fake devices: 2 queries each, targets all-gathered
+  mesh = experiment.make_mesh(config)  # 8 fake devices: 2 queries each, targets all-gathered
   vocab = Vocabulary.build(split.texts)
-  data = pipeline.TrainPipeline(split, vocab, 8, config.batch_size, mesh, config.seed,
-                                config.data.image_size)
-  model = build.build_model(config.model, len(vocab))
-  tx = optim.make_optimizer(config.optimizer)
+  data = pipeline.TrainPipeline(split, vocab, config.data.max_text_len, config.batch_size, mesh,
+                                config.seed, config.data.image_size)
+  exp = experiment.build(config, mesh, vocab)
+  model, tx, state = exp.model, exp.tx, exp.state
   batch = next(data.batches(0))
-  example = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
-  state = train_state.create_train_state(model, tx, example, config.seed, mesh)
 
   @jax.jit
   def embed(state, batch):  # what the step computes before its update

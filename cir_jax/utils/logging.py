@@ -1,12 +1,36 @@
 """Process-0 logging: a text log, TensorBoard scalars, and a progress line with ETA."""
 import datetime
 import json
+import logging
 import pathlib
 import sys
 import time
 
 import jax
 import numpy as np
+
+
+DETAIL_LOG = "detail.log"
+
+
+def quiet_console(workdir=None):
+  """Keeps the console to our own lines: libraries' Python INFO logs (Orbax, TFDS, JAX)
+  go only to `<workdir>/detail.log` (if `workdir` is a directory); warnings and errors
+  still reach the console.
+  TFDS's progress bars are turned off (our loaders print their own progress)."""
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+  absl_logging.get_absl_handler().setLevel(logging.WARNING)
+  if workdir and pathlib.Path(workdir).is_dir() and jax.process_index() == 0:
+    path = pathlib.Path(workdir)
+    detail = logging.FileHandler(path / DETAIL_LOG)
+    detail.setLevel(logging.INFO)
+    detail.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(detail)
+  try:
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  except ImportError:  # accelerator images without TensorFlow
+    return
+  tfds.disable_progress_bar()
 
 
 class Logger:
@@ -101,7 +125,9 @@ class Progress:
       if key in metrics:
         parts.append(f"{key} {float(metrics[key]):.4g}")
     if "perf/steps_per_sec" in metrics and self.rate:
-      parts.append(f"{self.rate:.2f} {self.what}s/s ({self.rate * self.batch_size:.0f} ex/s)")
+      plural = (self.what[:-1] + "ies" if self.what.endswith("y") else
+                self.what + ("es" if self.what.endswith(("ch", "sh", "s", "x")) else "s"))
+      parts.append(f"{self.rate:.2f} {plural}/s ({self.rate * self.batch_size:.0f} ex/s)")
       parts.append(f"ETA {_duration((self.total - step) / self.rate)}")
     elif "perf/first_steps_sec" in metrics:
       parts.append(f"first step(s) incl. compile {metrics['perf/first_steps_sec']:.1f}s")
