@@ -24,7 +24,7 @@ demo: $(VENV)/.runtime
 
 # The whole suite, slow end-to-end group included (what CI runs).
 test: $(VENV)/.test
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=20
 
 test-fast: $(VENV)/.test
 	$(PY) -m pytest -q -m "not slow"

@@ -73,10 +73,6 @@ def test_config_with_hf_tokenizer_runs_one_step_and_one_eval(monkeypatch, tmp_pa
   assert not (tmp_path / "run" / "vocab.json").exists()  # the HF tokenizer, not a word vocab
 
 
-def test_sharded_step_equals_single_device():
-  fakes.assert_sharded_equals_single(cirplant_cirr.get_config("tiny"))
-
-
 @pytest.mark.slow
 def test_training_improves_recall_over_untrained(monkeypatch):
   config = cirplant_cirr.get_config("tiny")

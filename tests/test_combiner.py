@@ -86,10 +86,6 @@ def test_config_runs_one_step_and_one_eval(module, monkeypatch, tmp_path):
   fakes.assert_protocol_results(results, config, split)
 
 
-def test_sharded_step_equals_single_device():
-  fakes.assert_sharded_equals_single(combiner_cirr.get_config("tiny"))
-
-
 @pytest.mark.slow
 def test_training_improves_recall_over_untrained(monkeypatch):
   config = combiner_cirr.get_config("tiny")
