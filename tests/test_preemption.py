@@ -200,3 +200,65 @@ def test_tensorboard_has_the_training_scalars(reference):
               "perf/steps_per_sec", "perf/examples_per_sec", "perf/first_steps_sec",
               "eval/R@1", "eval/R@10", "perf/eval_sec"}
   assert expected <= tags, expected - tags
+
+
+def _truncate(path, size):
+  path.write_bytes(path.read_bytes()[:size])
+
+
+# The three corruptions of issue 15, each naming the file the message must name.
+CORRUPTIONS = {
+    "array data": lambda d: _truncate(sorted((d / "default" / "d").iterdir())[0], 10),
+    "tree metadata": lambda d: _truncate(d / "default" / "_METADATA", 20),
+    "ocdbt manifest": lambda d: _truncate(d / "default" / "manifest.ocdbt", 0),
+}
+
+
+def _three_steps(workdir):
+  for step in (1, 2, 3):
+    _save(workdir, jax.tree.map(lambda x, s=step: x + s, _state()), step)
+
+
+@pytest.mark.parametrize("kind", sorted(CORRUPTIONS))
+def test_corrupt_newest_checkpoint_is_moved_aside_and_the_next_restores(tmp_path, kind):
+  _three_steps(tmp_path)
+  directory = tmp_path / "checkpoints"
+  CORRUPTIONS[kind](directory / "3")
+  bad = {"array data": str(directory / "3" / "default" / "d"),
+         "tree metadata": str(directory / "3" / "default" / "_METADATA"),
+         "ocdbt manifest": str(directory / "3" / "default" / "manifest.ocdbt")}[kind]
+  messages = []
+  manager = checkpoint.make_manager(tmp_path, 3, log=messages.append)
+  restored, step = checkpoint.restore_latest(manager, _state(), log=messages.append)
+  assert step == 2
+  np.testing.assert_array_equal(restored["params"]["dense"]["bias"], [2, 3, 4])
+  warning = [m for m in messages if "does not restore" in m]
+  assert len(warning) == 1 and "\n" not in warning[0], messages
+  assert f"checkpoint {directory / '3'} does not restore (bad file {bad}" in warning[0]
+  assert not (directory / "3").exists() and len(list(directory.glob("3.corrupt-*"))) == 1
+  # Step 3 can be saved again by the resumed run.
+  checkpoint.save(manager, 3, _state())
+  manager.wait_until_finished()
+  assert manager.all_steps() == [1, 2, 3]
+  manager.close()
+
+
+def test_no_checkpoint_restores_lists_them_and_moves_nothing(tmp_path):
+  _three_steps(tmp_path)
+  directory = tmp_path / "checkpoints"
+  for step in (1, 2, 3):
+    CORRUPTIONS["tree metadata"](directory / str(step))
+  manager = checkpoint.make_manager(tmp_path, 3, log=lambda _: None)
+  with pytest.raises(RuntimeError, match=r"no checkpoint in .* restores") as error:
+    checkpoint.restore_latest(manager, _state(), log=lambda _: None)
+  for step in (1, 2, 3):
+    assert f"{directory / str(step) / 'default' / '_METADATA'}: not valid JSON" in str(error.value)
+  assert sorted(p.name for p in directory.iterdir()) == ["1", "2", "3"]
+
+
+def test_resume_from_another_run_skips_its_corrupt_step_without_moving_it(tmp_path):
+  _three_steps(tmp_path / "other")
+  CORRUPTIONS["ocdbt manifest"](tmp_path / "other" / "checkpoints" / "3")
+  restored, step = checkpoint.restore_from_directory(tmp_path / "other", _state(),
+                                                     log=lambda _: None)
+  assert step == 2 and (tmp_path / "other" / "checkpoints" / "3").exists()
