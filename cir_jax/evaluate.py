@@ -29,6 +29,7 @@ from cir_jax.data import fashioniq
 from cir_jax.data import pipeline
 from cir_jax.data import registry
 from cir_jax.utils import logging as log_lib
+from cir_jax.utils import workdir as workdir_lib
 
 # Progress lines per pass over a gallery or the queries (only for passes of at
 # least this many batches: small evaluations stay quiet).
@@ -254,10 +255,7 @@ def make_evaluator(config, model, vocab, mesh, log=print):
 
 def evaluate_workdir(config, workdir) -> dict:
   """Restores the newest checkpoint of `workdir` and evaluates it with its protocol."""
-  workdir = pathlib.Path(workdir)
-  if not workdir.is_dir():
-    raise FileNotFoundError(f"workdir {str(workdir)!r} does not exist; train first "
-                            f"(python -m cir_jax.train --config ... --workdir {workdir})")
+  workdir = workdir_lib.check_workdir(workdir, create=False)
   log = log_lib.Logger(workdir)
   experiment, step = experiment_lib.restore_for_evaluation(config, workdir, log)
   evaluator = make_evaluator(config, experiment.model, experiment.vocab, experiment.mesh, log=log)

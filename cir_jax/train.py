@@ -18,6 +18,7 @@ import numpy as np
 import optax
 
 from cir_jax import checkpoint
+from cir_jax import divergence
 from cir_jax import evaluate as evaluate_lib
 from cir_jax import experiment as experiment_lib
 from cir_jax import losses
@@ -26,6 +27,7 @@ from cir_jax import preemption
 from cir_jax import retrieval
 from cir_jax import sharding
 from cir_jax.utils import logging as log_lib
+from cir_jax.utils import workdir as workdir_lib
 
 IN_BATCH_KS = (1, 5, 10)
 # Scalars that must be finite before anything is logged or saved: a non-finite
@@ -96,8 +98,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     {'preempted': True, 'step', 'signal'} if a signal stopped training.
   """
   experiment_lib.check_config(config)  # a bad name fails before any file is written
-  workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
+  workdir = workdir_lib.check_workdir(workdir, create=True)
   log = log_lib.Logger(workdir)
   experiment, train_data = experiment_lib.setup_training(config, workdir, log)
   mesh, model = experiment.mesh, experiment.model
@@ -109,7 +110,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   start = int(jax.device_get(state.step))
   train_step = make_train_step(model, experiment.tx, config.loss, mesh)
   evaluator = evaluate_lib.make_evaluator(config, model, experiment.vocab, mesh, log=log)
-  writer = log_lib.SummaryWriter(workdir)
+  writer = log_lib.SummaryWriter(workdir, start_step=start)  # drops rows past `start`
+  monitor = divergence.Monitor(config.divergence, log_lib.read_metrics(workdir, start), log)
   schedule = optim.learning_rate_schedule(config.optimizer)
   progress = log_lib.Progress(config.num_train_steps, start, config.batch_size)
   results = {}
@@ -123,14 +125,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if step == start + 1 or step % config.log_every_steps == 0 or last or stopping:
         metrics = jax.device_get(metrics)
         check_finite(metrics, step, "logging step")
+        monitor.check(step, metrics, "logging step")
         metrics["learning_rate"] = float(schedule(step - 1))
         metrics.update(progress.update(step))
         writer.scalars(step, metrics)
         log(progress.line(step, metrics))
       if step % config.checkpoint_every_steps == 0 or last or stopping:
-        check_finite(jax.device_get({k: metrics[k] for k in FINITE_METRICS}), step,
-                     "before saving a checkpoint")
-        checkpoint.save(manager, step, state)
+        scalars = jax.device_get({k: metrics[k] for k in FINITE_METRICS})
+        check_finite(scalars, step, "before saving a checkpoint")
+        monitor.check(step, scalars, "before saving a checkpoint")
+        checkpoint.save(manager, step, state, {checkpoint.LOSS_METRIC: monitor.median_loss()})
       if stopping:
         manager.wait_until_finished()
         manager.close()

@@ -36,6 +36,17 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 500
   c.keep_checkpoints = 3
   c.preemption_sync_every_steps = 10  # multi-process: steps between agreeing to stop on SIGTERM
+  # Stop a run that diverges while staying finite, before it saves (cir_jax/divergence.py):
+  # on logging and save steps, loss > loss_factor * max(median of the last `window` checked
+  # losses, loss_floor), or param_norm > param_norm_factor * their median, once `min_history`
+  # steps were checked. The rotation also keeps the checkpoint of lowest median loss.
+  c.divergence = ml_collections.ConfigDict()
+  c.divergence.enabled = True      # False: never stop (the history is still kept)
+  c.divergence.window = 20
+  c.divergence.min_history = 5
+  c.divergence.loss_factor = 10.0
+  c.divergence.loss_floor = 0.5    # so a loss near 0 may rise to loss_factor * loss_floor (5)
+  c.divergence.param_norm_factor = 10.0
   c.resume = ""                # a workdir or checkpoint directory to continue from
   c.init_from = ""             # pretrained weights (a local Hugging Face directory)
   c.init_from_image = ""       # per-tower overrides of init_from (e.g. CIRPLANT: ResNet + BERT)

@@ -221,6 +221,9 @@ class TrainPipeline:
     index = np.asarray(self.split.target_index)[q]
     if self.refs is self.targets:
       index = np.concatenate([np.asarray(self.split.ref_index)[q], index])
+    if self.set_negatives is not None:
+      rows = self.set_negatives.numpy()[q].ravel()
+      index = np.concatenate([index, rows[rows >= 0]])
     return self.targets.decode_error(index, error, f"{self.split.name}, training step {step}")
 
 

@@ -56,13 +56,46 @@ def _scalar_metadata():
       plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"))
 
 
+METRICS_JSONL = "metrics.jsonl"
+
+
+def read_metrics(workdir, last_step=None) -> list[dict]:
+  """The rows of `<workdir>/metrics.jsonl` (steps <= `last_step` if given), in file order.
+
+  A line that does not parse (cut short by a kill during a write) is skipped.
+  """
+  path = pathlib.Path(workdir) / METRICS_JSONL
+  if not path.exists():
+    return []
+  rows = []
+  for line in path.read_text().splitlines():
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError:
+      continue
+    if isinstance(row, dict) and (last_step is None or row.get("step", 0) <= last_step):
+      rows.append(row)
+  return rows
+
+
 class SummaryWriter:
   """TensorBoard scalars under `<workdir>/tensorboard` and JSON lines in
-  `<workdir>/metrics.jsonl`, written by process 0 only."""
+  `<workdir>/metrics.jsonl`, written by process 0 only.
 
-  def __init__(self, workdir):
+  With `start_step` (a resumed run) the rows of steps after it, written before an
+  interruption and about to be trained again, are first dropped from
+  metrics.jsonl, so every step appears once (TensorBoard event files are left
+  as they are).
+  """
+
+  def __init__(self, workdir, start_step=None):
     self.writer = None
-    self.jsonl = pathlib.Path(workdir) / "metrics.jsonl"
+    self.jsonl = pathlib.Path(workdir) / METRICS_JSONL
+    if jax.process_index() == 0 and start_step is not None and self.jsonl.exists():
+      kept = read_metrics(workdir, start_step)
+      partial = self.jsonl.with_name(f".{METRICS_JSONL}.tmp")
+      partial.write_text("".join(json.dumps(row) + "\n" for row in kept))
+      partial.replace(self.jsonl)  # a kill now leaves the old file or the new, never half
     if jax.process_index() == 0:
       import tensorflow as tf  # pylint: disable=g-import-not-at-top
       self.writer = tf.summary.create_file_writer(str(pathlib.Path(workdir) / "tensorboard"))
