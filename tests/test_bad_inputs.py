@@ -102,6 +102,21 @@ def test_checkpoint_of_another_model_vs_a_real_train_state(tmp_path):
   assert "(+" in message  # the rest is counted, not listed
 
 
+def test_workdir_empty_a_file_or_missing_is_named(tmp_path, monkeypatch, random_dataset):
+  del random_dataset
+  monkeypatch.chdir(tmp_path)  # were "" accepted, it would write here, not into the repo
+  with pytest.raises(ValueError, match=r"--workdir='' is empty"):
+    train.train_and_evaluate(_config(), "")
+  assert not list(tmp_path.iterdir())
+  (tmp_path / "a_file").write_text("x")
+  with pytest.raises(NotADirectoryError, match=r"--workdir='a_file' is a file"):
+    train.train_and_evaluate(_config(), "a_file")
+  from cir_jax import evaluate  # pylint: disable=g-import-not-at-top
+  with pytest.raises(FileNotFoundError, match=r"--workdir='nowhere': no such workdir"):
+    evaluate.evaluate_workdir(_config(), "nowhere")
+  assert not (tmp_path / "nowhere").exists()
+
+
 @pytest.mark.parametrize("config_module", [tirg_cirr, tirg_fashioniq, tirg_fashion200k,
                                            tirg_mit_states])
 def test_manual_dir_unset_missing_or_a_file_is_named(tmp_path, config_module):
@@ -144,9 +159,10 @@ def test_caption_without_known_words_names_the_query():
 
 def _file_split(tmp_path, num_images=4):
   paths = []
+  tmp_path.mkdir(parents=True, exist_ok=True)
   for i in range(num_images):
     path = tmp_path / f"img{i}.png"
-    Image.fromarray(np.full((20, 20, 3), 40 * i, np.uint8)).save(path)
+    Image.fromarray(np.full((20, 20, 3), 40 * i % 256, np.uint8)).save(path)
     paths.append(path)
   split = RetrievalSplit(
       name="files/train", images=None, image_paths=[str(p) for p in paths],
@@ -169,6 +185,18 @@ def test_corrupt_image_is_named_in_training_and_evaluation(tmp_path):
   eval_data = pipeline.EvalPipeline(split, vocab, 8, 4, _mesh(), 16)
   with pytest.raises(ValueError, match=re.escape(f"cannot read or decode image {paths[2]}")):
     list(eval_data.gallery_batches())
+
+
+def test_corrupt_image_is_named_by_the_trainer(tmp_path, monkeypatch):
+  # A valid PNG header (passes the load-time check) over garbage: only decoding fails,
+  # in the first batch the trainer reads (issue 15: TF's error named no file).
+  split, paths = _file_split(tmp_path / "images", num_images=8)
+  paths[0].write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png" * 4)
+  monkeypatch.setitem(registry.LOADERS, "files", lambda data_config, name, log: split)
+  with pytest.raises(ValueError, match=re.escape(f"cannot read or decode image {paths[0]} "
+                                                 f"(gallery index 0")) as error:
+    train.train_and_evaluate(_config(**{"data.name": "files"}), tmp_path / "run")
+  assert "files/train, training step 0" in str(error.value)
 
 
 def test_missing_image_file_is_named(tmp_path):

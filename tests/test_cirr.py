@@ -89,6 +89,23 @@ def test_missing_images_error_then_skip(cirr_dir, tmp_path):
   assert not set(gone) & set(split.image_ids)
 
 
+def test_broken_image_is_named_at_load_then_skipped(cirr_dir, tmp_path):
+  root = tmp_path / "cirr"
+  shutil.copytree(cirr_dir, root)
+  val = cirr.load_annotations(root, "val")
+  path = root / cirr.load_image_split(root, "val")[val[0].reference]
+  path.write_bytes(b"this is no image" * 8)  # not a PNG header: caught without decoding
+  with pytest.raises(FileNotFoundError, match="1 of 2297 images are missing, unreadable or "
+                                              "not images") as e:
+    cirr.load_cirr_split(cirr_config(root).data, "val", log=lambda _: None)
+  assert str(path).replace("/./", "/") in str(e.value).replace("/./", "/")
+  assert "cirr/val" in str(e.value)
+  split = cirr.load_cirr_split(cirr_config(root, skip_missing_images=True).data, "val",
+                               log=lambda _: None)
+  assert split.num_images == 2296 and split.skipped["images"] == 1
+  assert val[0].reference not in split.image_ids
+
+
 def test_malformed_annotation_names_file_and_field(cirr_dir, tmp_path):
   root = tmp_path / "bad"
   shutil.copytree(cirr_dir / "cirr", root / "cirr")

@@ -6,17 +6,19 @@ prepared once as a TFDS dataset, see cir_jax/data/manual_tfds.py), and every
 load calls `assemble`, which checks every image file up front and builds the
 `RetrievalSplit`:
 
-* by default a missing or unreadable image is an error listing the first
-  missing paths, raised before any training or embedding starts;
+* by default a missing, unreadable or non-image file is an error listing the
+  first such paths, raised before any training or embedding starts;
 * with `data.skip_missing_images=True` missing images are dropped from the
   gallery, queries that lose their reference or their whole target set are
   dropped, subset candidates lose the missing members, and the counts are
   logged and kept in `RetrievalSplit.skipped` (hence in the results JSON).
   Nothing is dropped silently.
 
-Files are checked for existence, readability and a non-zero size, not decoded:
-decoding ~200k images up front would cost minutes; a corrupt file still fails
-loudly when tf.data decodes it.
+Files are checked for existence, readability and an image header (the first
+bytes of a PNG, JPEG, GIF, BMP or WebP file: one small read per file), not
+decoded: decoding ~200k images up front would cost minutes. A file with a valid
+header but corrupt data still fails when tf.data decodes it, with an error
+naming the file, its split and its gallery row (cir_jax/data/pipeline.py).
 """
 import json
 import os
@@ -28,6 +30,9 @@ import numpy as np
 from cir_jax.data.tables import RetrievalSplit
 
 MAX_LISTED = 10  # missing paths named in an error message
+# Leading bytes of the formats tf.io.decode_image reads (WebP: "RIFF" <size> "WEBP").
+_IMAGE_SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"BM")
+_HEADER_BYTES = 12
 
 
 def load_json(path: pathlib.Path, kind: type, instructions: str = ""):
@@ -63,11 +68,13 @@ def _hint(instructions: str) -> str:
 
 
 def readable(path: str) -> bool:
-  """True for an existing, readable, non-empty regular file."""
+  """True for an existing, readable regular file that starts like an image."""
   try:
-    return os.path.isfile(path) and os.access(path, os.R_OK) and os.path.getsize(path) > 0
-  except OSError:
+    with open(path, "rb") as f:
+      head = f.read(_HEADER_BYTES)
+  except OSError:  # missing, a directory, no permission
     return False
+  return head.startswith(_IMAGE_SIGNATURES) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
 
 
 def check_images(paths: Sequence[str], name: str, skip_missing: bool, log=print,
@@ -82,11 +89,12 @@ def check_images(paths: Sequence[str], name: str, skip_missing: bool, log=print,
   if missing.size and not skip_missing:
     listed = "\n  ".join(str(paths[i]) for i in missing[:MAX_LISTED])
     raise FileNotFoundError(
-        f"{name}: {missing.size} of {len(paths)} images are missing or unreadable, e.g.\n  "
+        f"{name}: {missing.size} of {len(paths)} images are missing, unreadable or not "
+        f"images (no PNG/JPEG/GIF/BMP/WebP header), e.g.\n  "
         f"{listed}\nFix the manual_dir, or set data.skip_missing_images=True to drop them "
         f"(the count is logged and written to the results).{_hint(instructions)}")
   if missing.size:
-    log(f"{name}: skipping {missing.size} of {len(paths)} missing/unreadable images "
+    log(f"{name}: skipping {missing.size} of {len(paths)} missing/unreadable/non-image files "
         f"(data.skip_missing_images=True), e.g. {paths[missing[0]]}")
   return ok
 
