@@ -15,6 +15,10 @@ inside the scheduler's grace period. One process alone checks every step.
 
 A second signal while the first is pending raises KeyboardInterrupt (stop now,
 without saving), so a stuck run can still be interrupted.
+
+Exit status: a run stopped this way exits with EXIT_PREEMPTED (75, EX_TEMPFAIL:
+"temporary failure, try again"), not 0, so a scheduler can tell "preempted,
+resubmit the same command" from "finished" (0) and from a failure (1).
 """
 import signal
 import threading
@@ -25,6 +29,13 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
+EXIT_PREEMPTED = 75  # os.EX_TEMPFAIL (that name is Unix-only)
+
+
+def exit_status(result) -> Optional[int]:
+  """The command line's exit status for train_and_evaluate's `result`: EXIT_PREEMPTED
+  if a signal stopped training, else None (0)."""
+  return EXIT_PREEMPTED if isinstance(result, dict) and result.get("preempted") else None
 
 
 class StopRequest:
