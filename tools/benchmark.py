@@ -49,33 +49,48 @@ def max_rss_mb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def bench_train_step(args, image_size: int, negatives: str, conv_impl: str, peak: float) -> dict:
+def build_train_step(composer="tirg", image_encoder="resnet18", dtype="float32",
+                     conv_impl="auto", negatives="global", batch=32, image_size=64,
+                     devices=0, text_len=8, loss="soft_triplet", embed_dim=512):
+  """Compiles our train step on random data.
+
+  Returns:
+    (compiled step, state, batch iterator, compile seconds, XLA FLOPs of the
+    per-device program, compiled temp MB, mesh).
+  """
   config = common.base_config()
-  config.model.composer = args.composer
-  config.model.image_encoder = args.image_encoder
-  config.model.dtype = args.dtype
+  config.model.composer = composer
+  config.model.image_encoder = image_encoder
+  config.model.dtype = dtype
   config.model.conv_impl = conv_impl
+  config.model.embed_dim = config.model.word_dim = config.model.text_hidden_dim = embed_dim
+  config.loss.name = loss
   config.loss.negatives = negatives
-  config.batch_size = config.eval.batch_size = args.batch
-  config.data.image_size, config.data.max_text_len = image_size, 8
-  mesh = experiment.make_mesh(config, jax.devices()[:args.devices] if args.devices else None)
-  split = random_data.random_split(num_images=4 * args.batch, num_queries=8 * args.batch,
+  config.batch_size = config.eval.batch_size = batch
+  config.data.image_size, config.data.max_text_len = image_size, text_len
+  mesh = experiment.make_mesh(config, jax.devices()[:devices] if devices else None)
+  split = random_data.random_split(num_images=4 * batch, num_queries=8 * batch,
                                    image_size=image_size)
   vocab = Vocabulary.build(split.texts)
-  data = pipeline.TrainPipeline(split, vocab, 8, args.batch, mesh, 0, image_size)
+  data = pipeline.TrainPipeline(split, vocab, text_len, batch, mesh, 0, image_size)
   exp = experiment.build(config, mesh, vocab)
-  state = exp.state
   batches = data.batches(0)
-  batch = next(batches)
   step = train.make_train_step(exp.model, exp.tx, config.loss, mesh)
   t = time.perf_counter()
-  compiled = step.lower(state, batch).compile()
+  compiled = step.lower(exp.state, next(batches)).compile()
   compile_s = time.perf_counter() - t
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   flops = float(cost.get("flops", float("nan")))
   memory = compiled.memory_analysis()
   temp_mb = getattr(memory, "temp_size_in_bytes", 0) / 2**20
+  return compiled, exp.state, batches, compile_s, flops, temp_mb, mesh
+
+
+def bench_train_step(args, image_size: int, negatives: str, conv_impl: str, peak: float) -> dict:
+  compiled, state, batches, compile_s, flops, temp_mb, mesh = build_train_step(
+      args.composer, args.image_encoder, args.dtype, conv_impl, negatives, args.batch,
+      image_size, args.devices)
   for _ in range(args.warmup):
     state, metrics = compiled(state, next(batches))
   jax.block_until_ready(metrics)
