@@ -172,8 +172,44 @@ def shard_gallery(emb: jax.Array, mesh: Mesh, axis_name: str = 'data',
   return jax.device_put(padded, row_sharding), jax.device_put(valid, row_sharding)
 
 
+GALLERY_BLOCK = 16384   # gallery rows scored at a time per query block
+TOPK_CHUNK = 32         # chunk width of the exact pruning in `_block_topk`
+
+
+def _block_topk(s: jax.Array, k: int, chunk: int = TOPK_CHUNK
+               ) -> tuple[jax.Array, jax.Array]:
+  """Exact, stable top-k of each row of `s` [q, n] via chunk maxima.
+
+  The row is cut into n / chunk chunks; the k chunks of largest maximum hold
+  the top k (each element outside them is below k distinct chunk maxima, so
+  below the k-th value). With ties: lax.top_k prefers lower chunk indices,
+  and the chunks are gathered in increasing index order, so equal scores come
+  out by lower position, exactly as lax.top_k(s, k) orders them. This replaces
+  a partial sort over n by one over n / chunk and one over k * chunk (XLA:CPU's
+  top_k is a single-threaded partial sort per row, far slower than the matmul).
+
+  Returns:
+    (values [q, k] descending, positions [q, k] int32 in [0, n)).
+  """
+  q, n = s.shape
+  if n // chunk < k or k * chunk >= n:
+    vals, pos = jax.lax.top_k(s, k)
+    return vals, pos.astype(jnp.int32)
+  if n % chunk:   # -inf tail: never before a real entry (stable, k <= n)
+    s = jnp.pad(s, ((0, 0), (0, -n % chunk)), constant_values=-jnp.inf)
+    n = s.shape[1]
+  chunk_max = jnp.max(s.reshape(q, n // chunk, chunk), axis=2)
+  _, best = jax.lax.top_k(chunk_max, k)
+  best = jnp.sort(best, axis=1)                                   # index order
+  cand_pos = (best[:, :, None] * chunk + jnp.arange(chunk)).reshape(q, k * chunk)
+  cand = jnp.take_along_axis(s, cand_pos, axis=1)
+  vals, pos = jax.lax.top_k(cand, k)
+  return vals, jnp.take_along_axis(cand_pos, pos, axis=1).astype(jnp.int32)
+
+
 @functools.partial(jax.jit,
-                   static_argnames=('k', 'mesh', 'block_size', 'axis_name'))
+                   static_argnames=('k', 'mesh', 'block_size', 'axis_name',
+                                    'gallery_block_size'))
 def gallery_topk(query_emb: jax.Array,
                  gallery_emb: jax.Array,
                  k: int,
@@ -182,14 +218,21 @@ def gallery_topk(query_emb: jax.Array,
                  exclude_index: Optional[jax.Array] = None,
                  block_size: int = 1024,
                  gallery_valid: Optional[jax.Array] = None,
-                 axis_name: str = 'data') -> tuple[jax.Array, jax.Array]:
+                 axis_name: str = 'data',
+                 gallery_block_size: int = GALLERY_BLOCK
+                ) -> tuple[jax.Array, jax.Array]:
   """Exact top-k gallery items per query with the gallery sharded.
 
-  Each device scores query blocks against its gallery shard (lax.map over
-  blocks: [block_size, G / devices] scores live at a time), keeps its
-  per-shard top-k, and one all-gather of the [Q, k] per-shard candidates is
-  merged with a second top-k. lax.top_k is stable and shards hold contiguous,
-  increasing gallery ranges, so equal scores come out by lower gallery index.
+  Each device loops over blocks of its gallery shard (lax.scan) and, inside,
+  over query blocks (lax.map): a [block_size, gallery_block_size] score
+  block is reduced to its exact top-k (`_block_topk`) and merged into that
+  query block's running top-k, so the scores held at a time are bounded by
+  the two block sizes, not by Q x G (peak memory O(G d) for the gallery
+  itself plus O(Q k)); each gallery block is read once per query block. One
+  all-gather of the [Q, k] per-shard candidates is merged with a second
+  top-k. lax.top_k is stable, running candidates (lower gallery ids) come
+  first in every merge and shards hold contiguous, increasing gallery ranges,
+  so equal scores come out by lower gallery index.
 
   Args:
     query_emb: [Q, d] query embeddings (padded to a multiple of the block
@@ -204,6 +247,7 @@ def gallery_topk(query_emb: jax.Array,
     block_size: queries per block.
     gallery_valid: optional [G] bool; False rows are never retrieved.
     axis_name: mesh axis for the gallery shards.
+    gallery_block_size: gallery rows per score block (per device).
 
   Returns:
     (scores [Q, k] float32 descending, indices [Q, k] int32). Slots left
@@ -220,6 +264,13 @@ def gallery_topk(query_emb: jax.Array,
     gallery_valid, _ = pad_to_multiple(gallery_valid, num_devices, fill=False)
   g_local = gallery_emb.shape[0] // num_devices
   k_local = min(k, g_local)
+  # Gallery blocks: as few as fit in gallery_block_size, of equal size (a
+  # multiple of TOPK_CHUNK), the last one shifted back to end at the shard's
+  # end (its rows seen before are masked), so the gallery is never copied.
+  g_block = -(-g_local // -(-g_local // gallery_block_size))
+  g_block = min(-(-g_block // TOPK_CHUNK) * TOPK_CHUNK, g_local)
+  num_gblocks = -(-g_local // g_block)
+  k_block = min(k_local, g_block)
 
   num_queries = query_emb.shape[0]
   block = min(block_size, num_queries)
@@ -232,17 +283,31 @@ def gallery_topk(query_emb: jax.Array,
 
   def per_device(q_blocks, ex_blocks, gallery, valid):
     offset = jax.lax.axis_index(axis_name) * g_local
-    ids = offset + jnp.arange(g_local, dtype=jnp.int32)
 
-    def one_block(args):
-      qb, eb = args
-      s = _scores(qb, gallery)
-      keep = valid[None, :] & (ids[None, :] != eb[:, None])
-      s = jnp.where(keep, s, -jnp.inf)
-      vals, idx = jax.lax.top_k(s, k_local)
-      return vals, idx.astype(jnp.int32) + offset
+    def gallery_step(carry, i):
+      start = jnp.minimum(i * g_block, g_local - g_block)
+      gb = jax.lax.dynamic_slice_in_dim(gallery, start, g_block)
+      rows = start + jnp.arange(g_block, dtype=jnp.int32)
+      vb = jax.lax.dynamic_slice_in_dim(valid, start, g_block) & (rows >= i * g_block)
+      ids = offset + rows
 
-    vals, idx = jax.lax.map(one_block, (q_blocks, ex_blocks))
+      def one_query_block(args):
+        qb, eb, run_vals, run_idx = args
+        keep = vb[None, :] & (ids[None, :] != eb[:, None])
+        vals, pos = _block_topk(jnp.where(keep, _scores(qb, gb), -jnp.inf), k_block)
+        # Running candidates (lower gallery ids) first: stable on ties.
+        vals = jnp.concatenate([run_vals, vals], axis=1)
+        idx = jnp.concatenate([run_idx, ids[pos]], axis=1)
+        vals, pos = jax.lax.top_k(vals, k_local)
+        return vals, jnp.take_along_axis(idx, pos, axis=1)
+
+      return jax.lax.map(one_query_block, (q_blocks, ex_blocks) + carry), None
+
+    shape = q_blocks.shape[:2] + (k_local,)
+    init = jax.lax.pcast((jnp.full(shape, -jnp.inf, jnp.float32),
+                          jnp.full(shape, -1, jnp.int32)), (axis_name,), to='varying')
+    (vals, idx), _ = jax.lax.scan(gallery_step, init,
+                                  jnp.arange(num_gblocks, dtype=jnp.int32))
     # Shard-major concatenation keeps equal scores in gallery-index order.
     vals = jax.lax.all_gather(vals, axis_name, axis=2, tiled=True,
                               to='invarying')

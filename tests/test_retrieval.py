@@ -186,6 +186,36 @@ def test_gallery_topk_equals_brute_force(random_gallery, mesh_name, request):
   np.testing.assert_array_equal(scores, ref_scores)
 
 
+@pytest.mark.parametrize('chunk,k', [(4, 1), (4, 7), (8, 12), (3, 5), (5, 7)])  # 96 % 5: padded
+def test_block_topk_chunk_pruning_is_exact_with_ties(chunk, k):
+  rs = np.random.RandomState(chunk * 100 + k)
+  s = rs.randint(-3, 4, (9, 96)).astype(np.float32)   # many exact ties
+  s[0, :] = 1.0                                         # a row of one value
+  s[1, rs.rand(96) < 0.5] = -np.inf                     # masked entries
+  vals, pos = retrieval._block_topk(jnp.asarray(s), k, chunk=chunk)
+  order = np.argsort(-s, axis=1, kind='stable')[:, :k]
+  np.testing.assert_array_equal(pos, order)
+  np.testing.assert_array_equal(vals, np.take_along_axis(s, order, axis=1))
+
+
+@pytest.mark.parametrize('mesh_name', ['mesh1', 'mesh8'])
+@pytest.mark.parametrize('gallery_block,k', [(192, 5), (64, 20), (40, 50)])
+def test_gallery_topk_blocked_over_gallery(random_gallery, mesh_name, request,
+                                           gallery_block, k):
+  """Gallery blocks of a running top-k merge (chunk-pruned when blocks allow)
+  give the brute-force ids, ties by lower id, with exclusions and invalid rows."""
+  mesh = request.getfixturevalue(mesh_name)
+  r = random_gallery
+  valid = np.random.RandomState(2).rand(len(r['g'])) < 0.8
+  scores, ids = retrieval.gallery_topk(
+      jnp.asarray(r['q']), jnp.asarray(r['g']), k, mesh,
+      exclude_index=jnp.asarray(r['exclude']), block_size=16,
+      gallery_valid=jnp.asarray(valid), gallery_block_size=gallery_block)
+  ref_scores, ref_ids = np_topk(r['q'], r['g'], k, r['exclude'], valid)
+  np.testing.assert_array_equal(ids, ref_ids)
+  np.testing.assert_array_equal(scores, ref_scores)
+
+
 def test_gallery_topk_unpadded_gallery_and_invalid_rows(random_gallery, mesh8):
   r = random_gallery
   valid = np.random.RandomState(1).rand(len(r['g'])) < 0.5

@@ -4,7 +4,9 @@ Measures evaluation throughput (queries/s) of exact maximum-inner-product
 top-k over a random L2-normalised gallery, side by side in one run:
 
   jax    cir_jax.retrieval.gallery_topk (gallery sharded over the local
-         devices, query blocks of --block-size, per-shard top_k + merge);
+         devices, query blocks of --block-size x gallery blocks of
+         --gallery-block-size, chunk-pruned exact top-k per block and a
+         running merge, per-shard top_k + merge);
          compile time is measured separately from the run.
   numpy  blocked matmul + argpartition (+ a sort of the k survivors), the
          same block size, so memory stays O(block x G).
@@ -46,6 +48,9 @@ def parse_args(argv=None):
   parser.add_argument('--dim', type=int, default=512)
   parser.add_argument('--k', type=int, default=50)
   parser.add_argument('--block-size', type=int, default=1024)
+  parser.add_argument('--gallery-block-size', type=int, default=16384,
+                      help='jax: gallery rows per score block (peak memory '
+                           'block-size x this, not Q x G)')
   parser.add_argument('--threads', type=int, default=2)
   parser.add_argument('--jax-devices', type=int, default=1,
                       help='fake CPU devices the gallery is sharded over')
@@ -115,7 +120,8 @@ def _run_jax(args, queries, gallery):
   t0 = time.perf_counter()
   compiled = retrieval.gallery_topk.lower(
       q_dev, g_sharded, args.k, mesh, block_size=args.block_size,
-      gallery_valid=g_valid).compile()
+      gallery_valid=g_valid,
+      gallery_block_size=args.gallery_block_size).compile()
   compile_s = time.perf_counter() - t0
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -224,6 +230,7 @@ def _spawn(args, backend, ids_path):
          '--gallery', str(args.gallery), '--queries', str(args.queries),
          '--dim', str(args.dim), '--k', str(args.k),
          '--block-size', str(args.block_size), '--threads', str(args.threads),
+         '--gallery-block-size', str(args.gallery_block_size),
          '--seed', str(args.seed)]
   proc = subprocess.run(cmd, env=env, capture_output=True, text=True,
                         check=False)
