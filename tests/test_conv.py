@@ -46,3 +46,24 @@ def test_auto_and_unknown_impl():
   assert conv.resolve_conv_impl("matmul", 224 * 224) == "matmul"
   with pytest.raises(ValueError, match="unknown conv_impl 'fft'; valid: \\['auto', 'xla', 'matmul'\\]"):
     conv.resolve_conv_impl("fft")
+
+
+@pytest.mark.parametrize("window,strides,padding,shape", [
+    ((3, 3), (2, 2), ((1, 1), (1, 1)), (2, 9, 10, 3)),   # ResNet's stem pool, odd/even sizes
+    ((3, 3), (2, 2), ((1, 1), (1, 1)), (2, 8, 8, 3)),
+    ((2, 3), (1, 2), ((0, 1), (1, 0)), (1, 7, 6, 2)),
+])
+def test_max_pool_matmul_equals_nn_max_pool_with_ties(window, strides, padding, shape):
+  # Small integers after a ReLU: many windows hold several equal maxima (and all-zero
+  # windows); the gradient must go to the first maximum, as select-and-scatter does.
+  x = jnp.maximum(jax.random.randint(jax.random.key(0), shape, -2, 3).astype(jnp.float32), 0)
+  w = jax.random.normal(jax.random.key(1), jax.eval_shape(
+      lambda x: conv.max_pool(x, window, strides, padding, "xla"), x).shape)
+
+  def loss(x, impl):
+    return jnp.sum(w * conv.max_pool(x, window, strides, padding, impl))
+
+  np.testing.assert_array_equal(conv.max_pool(x, window, strides, padding, "matmul"),
+                                nn_max_pool := conv.max_pool(x, window, strides, padding, "xla"))
+  assert nn_max_pool.shape == w.shape
+  np.testing.assert_allclose(jax.grad(loss)(x, "matmul"), jax.grad(loss)(x, "xla"), atol=1e-6)

@@ -12,6 +12,7 @@ one. So 'auto' picks the matmul lowering only on CPU and only for images below
 `AUTO_MATMUL_MAX_PIXELS` (docs/benchmarks.md has the measurements). Both lowerings have the same parameters
 ('kernel' [kh, kw, C_in, C_out], optional 'bias'), so checkpoints are shared.
 """
+import functools
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
@@ -95,3 +96,67 @@ class Conv(nn.Module):
       y = y + self.param("bias", nn.initializers.zeros, (self.features,),
                          self.param_dtype).astype(self.dtype)
     return y
+
+
+def max_pool(x, window: Sequence[int], strides: Sequence[int], padding, conv_impl: str = "xla"):
+  """`nn.max_pool` (-inf padding, NHWC) with a cheap gradient when conv_impl == 'matmul'.
+
+  XLA:CPU lowers the gradient of `nn.max_pool` (select-and-scatter) to a
+  scatter with four full-size iota index tensors: ~10% of the ResNet-18 TIRG
+  train step at 64 px in a profile (docs/benchmarks.md). With 'matmul' the
+  pool is a maximum over the window's strided slices and its gradient goes,
+  as select-and-scatter's does, to the first maximum of each window in
+  row-major order, via pads and adds. Same values and gradients.
+
+  Args:
+    x: [B, H, W, C].
+    window: (wh, ww).
+    strides: (sh, sw).
+    padding: ((top, bottom), (left, right)).
+    conv_impl: 'matmul' for the slice lowering; anything else calls nn.max_pool.
+  """
+  if conv_impl != "matmul":
+    return nn.max_pool(x, tuple(window), strides=tuple(strides), padding=padding)
+  return _max_pool(x, tuple(window), tuple(strides), tuple(tuple(p) for p in padding))
+
+
+def _pool_slices(x, window, strides, padding):
+  xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)), constant_values=-jnp.inf)
+  (wh, ww), (sh, sw) = window, strides
+  h_out, w_out = (xp.shape[1] - wh) // sh + 1, (xp.shape[2] - ww) // sw + 1
+  offsets = [(i, j) for i in range(wh) for j in range(ww)]
+  slices = [xp[:, i:i + sh * (h_out - 1) + 1:sh, j:j + sw * (w_out - 1) + 1:sw, :]
+            for i, j in offsets]
+  return xp.shape, offsets, slices
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _max_pool(x, window, strides, padding):
+  _, _, slices = _pool_slices(x, window, strides, padding)
+  return functools.reduce(jnp.maximum, slices)
+
+
+def _max_pool_fwd(x, window, strides, padding):
+  y = _max_pool(x, window, strides, padding)
+  return y, (x, y)
+
+
+def _max_pool_bwd(window, strides, padding, residuals, g):
+  x, y = residuals
+  padded_shape, offsets, slices = _pool_slices(x, window, strides, padding)
+  sh, sw = strides
+  taken = jnp.zeros(y.shape, bool)
+  dxp = jnp.zeros(padded_shape, g.dtype)
+  for (i, j), s in zip(offsets, slices):
+    hit = (s == y) & ~taken
+    taken = taken | hit
+    contrib = jnp.where(hit, g, 0)
+    h_hi = padded_shape[1] - i - (sh * (y.shape[1] - 1) + 1)
+    w_hi = padded_shape[2] - j - (sw * (y.shape[2] - 1) + 1)
+    dxp = dxp + jax.lax.pad(contrib, jnp.zeros((), g.dtype),
+                            ((0, 0, 0), (i, h_hi, sh - 1), (j, w_hi, sw - 1), (0, 0, 0)))
+  (top, _), (left, _) = padding
+  return (dxp[:, top:top + x.shape[1], left:left + x.shape[2], :],)
+
+
+_max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)

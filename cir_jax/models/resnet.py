@@ -76,7 +76,7 @@ class ResNet(nn.Module):
     x = conv_lib.Conv(self.num_filters, (7, 7), (2, 2), padding=((3, 3), (3, 3)), use_bias=False,
                       dtype=self.dtype, conv_impl=conv_impl, name="stem_conv")(x)
     x = nn.relu(norm(name="stem_norm")(x))
-    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    x = conv_lib.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)), conv_impl)
     for stage, num_blocks in enumerate(self.stage_sizes):
       for block in range(num_blocks):
         strides = 2 if stage > 0 and block == 0 else 1
