@@ -149,6 +149,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         writer.scalars(step, {**{f"eval/{k}": v for k, v in results["metrics"].items()},
                               "perf/eval_sec": time.perf_counter() - eval_start})
         log(evaluate_lib.format_table(results))
+  log(progress.summary())  # `make demo` reports its training examples/s here
   manager.wait_until_finished()
   manager.close()
   batches.close()  # stops the input pipeline's prefetching threads now, not at exit

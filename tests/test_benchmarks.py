@@ -125,3 +125,17 @@ def test_alternated_run_end_to_end(stand_in_dir, monkeypatch):
     assert 0 < s["min"] <= s["median"] <= s["max"] and s["pct_peak"] > 0
   assert len(result["round_ratios"]) == 2 and result["ratio"] > 0
   assert result["flops_per_step"] > 0 and result["xla_flops_per_step"] > 0
+
+
+def test_progress_summary_excludes_the_compiling_first_update(monkeypatch):
+  """`make demo` ends with this line: examples/s after the first (compiling) update."""
+  from cir_jax.utils import logging as log_lib  # pylint: disable=g-import-not-at-top
+  clock = iter([100.0, 160.0, 170.0, 180.0])   # init, step 1 (compile), steps 11 and 21
+  monkeypatch.setattr(log_lib.time, "perf_counter", lambda: next(clock))
+  progress = log_lib.Progress(total_steps=21, start_step=0, batch_size=8)
+  assert "too few" in progress.summary()
+  assert progress.update(1) == {"perf/first_steps_sec": 60.0}
+  progress.update(11)
+  progress.update(21)
+  # 20 steps x 8 examples in 20 s after the first update: 8.0 examples/s.
+  assert progress.summary().startswith("step throughput: 8.0 examples/s (20 steps x 8 in 20.0s")

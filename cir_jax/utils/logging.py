@@ -140,6 +140,7 @@ class Progress:
     self.last_step, self.last_time = start_step, time.perf_counter()
     self.start_time = self.last_time
     self.rate = None
+    self.warm_step = self.warm_time = None   # where the first (compiling) update ended
 
   def update(self, step: int) -> dict:
     now = time.perf_counter()
@@ -150,7 +151,17 @@ class Progress:
     out = {"perf/steps_per_sec": self.rate, "perf/examples_per_sec": self.rate * self.batch_size}
     if first:
       out = {"perf/first_steps_sec": elapsed}
+      self.warm_step, self.warm_time = step, now
     return out
+
+  def summary(self) -> str:
+    """One line: examples/s over all updates after the first (which includes compilation)."""
+    if self.warm_step is None or self.last_step <= self.warm_step:
+      return f"{self.what} throughput: too few logged {self.what}s after the first to measure"
+    steps, elapsed = self.last_step - self.warm_step, self.last_time - self.warm_time
+    rate = steps * self.batch_size / elapsed
+    return (f"{self.what} throughput: {rate:.1f} examples/s ({steps} {self.what}s x "
+            f"{self.batch_size} in {elapsed:.1f}s, after the first {self.what}(s) incl. compile)")
 
   def line(self, step: int, metrics: dict) -> str:
     parts = [f"{self.what} {step}/{self.total}"]
