@@ -44,7 +44,7 @@ def test_auto_and_unknown_impl():
   assert conv.resolve_conv_impl("auto", 128 * 128) == ("matmul" if on_cpu else "xla")
   assert conv.resolve_conv_impl("auto", 224 * 224) == "xla"
   assert conv.resolve_conv_impl("matmul", 224 * 224) == "matmul"
-  with pytest.raises(ValueError, match="unknown conv_impl 'fft'; valid: \\['auto', 'xla', 'matmul'\\]"):
+  with pytest.raises(ValueError, match="unknown conv_impl 'fft'; valid: \\['auto', 'xla', 'matmul', 'mixed'\\]"):
     conv.resolve_conv_impl("fft")
 
 
@@ -67,3 +67,27 @@ def test_max_pool_matmul_equals_nn_max_pool_with_ties(window, strides, padding, 
                                 nn_max_pool := conv.max_pool(x, window, strides, padding, "xla"))
   assert nn_max_pool.shape == w.shape
   np.testing.assert_allclose(jax.grad(loss)(x, "matmul"), jax.grad(loss)(x, "xla"), atol=1e-6)
+
+
+def test_mixed_picks_per_layer_and_equals_native():
+  pad = ((1, 1), (1, 1))
+  assert conv.layer_impl("mixed", (16, 16), (3, 3), (1, 1), pad) == "xla"      # 16x16 out
+  assert conv.layer_impl("mixed", (16, 16), (3, 3), (2, 2), pad) == "xla"      # 8x8 out
+  assert conv.layer_impl("mixed", (8, 8), (3, 3), (2, 2), pad) == "matmul"     # 4x4 out
+  assert conv.layer_impl("mixed", (64, 64), (7, 7), (2, 2), ((3, 3), (3, 3))) == "matmul"
+  assert conv.layer_impl("mixed", (16, 16), (1, 1), (2, 2), "VALID") == "matmul"
+  assert conv.layer_impl("matmul", (64, 64), (3, 3), (1, 1), pad) == "matmul"
+  # ResNetTiny at 32 px: stage 0 (8x8 maps) native, stage 1 (4x4) and the stem as matmuls.
+  x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+  native, mixed = resnet.ResNetTiny(conv_impl="xla"), resnet.ResNetTiny(conv_impl="mixed")
+  variables = native.init(jax.random.key(1), x)
+
+  def loss(params, model):
+    out, _ = model.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"])
+    return jnp.sum(jnp.sin(out["feature_map"]))
+
+  np.testing.assert_allclose(loss(variables["params"], mixed), loss(variables["params"], native),
+                             rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(jax.grad(loss)(variables["params"], mixed)),
+                  jax.tree.leaves(jax.grad(loss)(variables["params"], native))):
+    np.testing.assert_allclose(a, b, atol=1e-4)
