@@ -94,7 +94,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.frozen_image_encoder = False  # pretrained image tower as a fixed extractor (BN eval, no grad)
   c.model.frozen_text_encoder = False
   c.model.dtype = "float32"
-  c.model.conv_impl = "auto"       # ResNet convs: 'auto' (matmul on CPU, native elsewhere) | 'xla' | 'matmul'
+  c.model.conv_impl = "auto"       # ResNet convs: 'auto' (CPU <= 128 px: per-layer 'mixed'; native elsewhere) | 'xla' | 'matmul' | 'mixed'
 
   c.loss = ml_collections.ConfigDict()
   c.loss.name = "soft_triplet"     # soft_triplet (K=2, Eq. 5) | batch_classification (K=B, Eq. 6)

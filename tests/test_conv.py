@@ -39,9 +39,9 @@ def test_resnet_params_are_shared_between_lowerings():
 
 def test_auto_and_unknown_impl():
   on_cpu = jax.default_backend() == "cpu"
-  assert conv.resolve_conv_impl("auto") == ("matmul" if on_cpu else "xla")
-  assert conv.resolve_conv_impl("auto", 64 * 64) == ("matmul" if on_cpu else "xla")
-  assert conv.resolve_conv_impl("auto", 128 * 128) == ("matmul" if on_cpu else "xla")
+  assert conv.resolve_conv_impl("auto") == ("mixed" if on_cpu else "xla")
+  assert conv.resolve_conv_impl("auto", 64 * 64) == ("mixed" if on_cpu else "xla")
+  assert conv.resolve_conv_impl("auto", 128 * 128) == ("mixed" if on_cpu else "xla")
   assert conv.resolve_conv_impl("auto", 224 * 224) == "xla"
   assert conv.resolve_conv_impl("matmul", 224 * 224) == "matmul"
   with pytest.raises(ValueError, match="unknown conv_impl 'fft'; valid: \\['auto', 'xla', 'matmul', 'mixed'\\]"):

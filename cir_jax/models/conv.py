@@ -8,8 +8,10 @@ the arithmetic on the fast path, and the transposes (for the backward pass) are
 pads and adds. At 224 px the picture flips: the native lowering is faster
 (ResNet-18 TIRG train step, batch 32: 3.46 vs 2.67 examples/s) and the im2col
 buffers cost 2.4x the memory. On GPU/TPU the native convolution is the fast
-one. So 'auto' picks the matmul lowering only on CPU and only for images below
-`AUTO_MATMUL_MAX_PIXELS` (docs/benchmarks.md has the measurements). Both lowerings have the same parameters
+one. So 'auto' picks the per-layer 'mixed' lowering (native 3x3 convs on maps of
+8x8 and more, matmul below: at 64 px 16% less CPU per TIRG step than all-matmul,
+2026-12-02) only on CPU and only for images up to `AUTO_MATMUL_MAX_PIXELS`
+(docs/benchmarks.md has the measurements; 224 px was not re-measured with 'mixed'). Both lowerings have the same parameters
 ('kernel' [kh, kw, C_in, C_out], optional 'bias'), so checkpoints are shared.
 """
 import functools
@@ -46,13 +48,13 @@ def layer_impl(conv_impl: str, input_hw: Sequence[int], kernel_size: Sequence[in
 
 
 def resolve_conv_impl(conv_impl: str, image_pixels: Optional[int] = None) -> str:
-  """'auto' -> 'matmul' on the CPU backend for images of <= AUTO_MATMUL_MAX_PIXELS
+  """'auto' -> 'mixed' (per layer, see `layer_impl`) on the CPU backend for images of <= AUTO_MATMUL_MAX_PIXELS
   (H * W of the network input; None = small), 'xla' otherwise."""
   if conv_impl not in CONV_IMPLS:
     raise ValueError(f"unknown conv_impl {conv_impl!r}; valid: {list(CONV_IMPLS)}")
   if conv_impl == "auto":
     small = image_pixels is None or image_pixels <= AUTO_MATMUL_MAX_PIXELS
-    return "matmul" if jax.default_backend() == "cpu" and small else "xla"
+    return "mixed" if jax.default_backend() == "cpu" and small else "xla"
   return conv_impl
 
 

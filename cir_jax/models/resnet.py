@@ -46,9 +46,9 @@ class ResNet(nn.Module):
     stage_sizes: blocks per stage, e.g. (2, 2, 2, 2) for ResNet-18.
     num_filters: channels of the first stage (doubled at each later stage).
     dtype: compute dtype (params stay float32).
-    conv_impl: 'auto' | 'xla' | 'matmul' (see cir_jax/models/conv.py; 'auto' lowers
-      convolutions to matmuls on CPU for images up to 128 px, where XLA's native
-      convolutions are slow).
+    conv_impl: 'auto' | 'xla' | 'matmul' | 'mixed' (see cir_jax/models/conv.py; 'auto' picks per
+      layer on CPU for images up to 128 px: matmuls where XLA's native
+      convolutions are slow, i.e. small feature maps).
   """
   stage_sizes: Sequence[int]
   num_filters: int = 64
