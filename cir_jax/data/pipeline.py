@@ -8,8 +8,10 @@ keeps its own contiguous slice, so
 * resuming at step s reproduces the uninterrupted run exactly (no iterator state);
 * N processes see exactly the batches one process would (the multi-host test).
 
-Images come either from an in-memory uint8 table (CSS; gathered, no decoding)
-or from files (real datasets; decoded and resized in parallel). Text is
+Images come either from an in-memory uint8 table (CSS; gathered, no decoding,
+already at their size) or from files (real datasets; decoded and brought to
+S x S in parallel by `data.preprocess`: each paper's resize/crop/pad, see
+cir_jax.data.preprocess). Text is
 tokenised once per split, up front, in one vectorised call. Pixels stay uint8
 until they reach the device.
 """
@@ -20,6 +22,7 @@ import numpy as np
 import tensorflow as tf
 
 from cir_jax import sharding
+from cir_jax.data import preprocess as preprocess_lib
 from cir_jax.data.tables import RetrievalSplit
 from cir_jax.data.vocab import Vocabulary
 
@@ -39,11 +42,23 @@ def encode_texts(split: RetrievalSplit, vocab: Vocabulary, max_len: int, log=pri
   return ids, mask
 
 
+def preprocess_kwargs(data_config) -> dict:
+  """The pipelines' image preprocessing arguments from `config.data` (file-based images only).
+
+  'squash' when the config predates `data.preprocess` (its old behaviour).
+  """
+  return {"preprocess": data_config.get("preprocess", "squash"),
+          "pad_ratio": float(data_config.get("target_pad_ratio", 1.25))}
+
+
 class _ImageSource:
   """Gathers (in-memory) or decodes (files) images by gallery index, inside tf.data."""
 
-  def __init__(self, images: Optional[np.ndarray], paths, image_size: int):
+  def __init__(self, images: Optional[np.ndarray], paths, image_size: int,
+               preprocess: str = "squash", pad_ratio: float = 1.25):
+    preprocess_lib.check(preprocess, pad_ratio)
     self.image_size = image_size
+    self.preprocess, self.pad_ratio = preprocess, pad_ratio
     if images is not None:
       # A variable, not a constant: large tables would overflow the 2 GB graph limit.
       self.table = tf.Variable(images, trainable=False)
@@ -91,8 +106,8 @@ class _ImageSource:
     def decode(i):
       data = tf.io.read_file(self.paths[i])
       image = tf.io.decode_image(data, channels=3, expand_animations=False)
-      image = tf.image.resize(image, [self.image_size, self.image_size], antialias=True)
-      return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+      return preprocess_lib.preprocess_image(image, self.image_size, self.preprocess,
+                                             self.pad_ratio)
 
     return tf.map_fn(decode, index, fn_output_signature=tf.TensorSpec(
         [self.image_size, self.image_size, 3], tf.uint8), parallel_iterations=16)
@@ -146,7 +161,8 @@ class TrainPipeline:
   """
 
   def __init__(self, split: RetrievalSplit, vocab: Vocabulary, max_len: int, global_batch: int,
-               mesh, seed: int, image_size: int, log=print, set_negatives: int = 0):
+               mesh, seed: int, image_size: int, log=print, set_negatives: int = 0,
+               preprocess: str = "squash", pad_ratio: float = 1.25):
     self.split = split.validate()
     self.mesh = mesh
     self.global_batch = global_batch
@@ -161,7 +177,8 @@ class TrainPipeline:
     self.set_negatives = None
     if set_negatives:
       self.set_negatives = tf.constant(set_negative_rows(split, set_negatives))
-    self.targets = _ImageSource(split.images, split.image_paths, image_size)
+    self.targets = _ImageSource(split.images, split.image_paths, image_size, preprocess,
+                                pad_ratio)
     self.refs = (self.targets if split.query_images is None
                  else _ImageSource(split.query_images, None, image_size))
 
@@ -241,7 +258,8 @@ class EvalPipeline:
   """Query and gallery batches of one split for evaluation, padded to whole global batches."""
 
   def __init__(self, split: RetrievalSplit, vocab: Vocabulary, max_len: int, global_batch: int,
-               mesh, image_size: int, max_queries: int = 0, log=print):
+               mesh, image_size: int, max_queries: int = 0, log=print,
+               preprocess: str = "squash", pad_ratio: float = 1.25):
     self.split = split.validate()
     self.mesh = mesh
     self.global_batch = global_batch
@@ -249,7 +267,8 @@ class EvalPipeline:
     self.num_queries = (min(max_queries, split.num_queries) if max_queries
                         else split.num_queries)
     self.text_ids, self.text_mask = encode_texts(split, vocab, max_len, log)
-    self.gallery_source = _ImageSource(split.images, split.image_paths, image_size)
+    self.gallery_source = _ImageSource(split.images, split.image_paths, image_size,
+                                       preprocess, pad_ratio)
     self.query_source = (self.gallery_source if split.query_images is None
                          else _ImageSource(split.query_images, None, image_size))
 
