@@ -181,7 +181,8 @@ def setup_training(config, workdir, log) -> tuple[Experiment, pipeline.TrainPipe
   train_data = pipeline.TrainPipeline(train_split, vocab, config.data.max_text_len,
                                       config.batch_size, mesh, config.seed,
                                       config.data.image_size, log=log,
-                                      set_negatives=config.loss.get("set_negatives", 0))
+                                      set_negatives=config.loss.get("set_negatives", 0),
+                                      **pipeline.preprocess_kwargs(config.data))
   return experiment, train_data
 
 

@@ -61,6 +61,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.data_dir = "data_cache"   # TFDS data_dir: generated CSS, prepared manual-dataset tables
   c.data.manual_dir = ""           # real datasets: the user's download
   c.data.image_size = 64
+  # Files -> S x S pixels (cir_jax/data/preprocess.py); CSS's in-memory renders are used as
+  # they are. 'resize_center_crop' = google/tirg (Resize(S) + CenterCrop(S)); the CLIP
+  # configs set 'clip' (SSN) or 'targetpad' (CLIP4Cir); 'squash' = aspect ratio ignored.
+  c.data.preprocess = "resize_center_crop"
+  c.data.target_pad_ratio = 1.25   # 'targetpad': CLIP4Cir's TargetPad ratio
   c.data.num_scenes = 1000
   c.data.num_queries = 16000
   c.data.dataset_seed = 0

@@ -49,6 +49,7 @@ COMPOSERS: dict[str, Callable] = {
     "film": film.FiLM,
     # Pretrained-encoder methods: CLIP4Cir's Combiner, SSN and CIRPLANT.
     "combiner": combiner.Combiner,
+    "clip4cir_sum": combiner.ElementwiseSum,   # CLIP4Cir stage 1 (fine-tunes CLIP)
     "ssn": ssn.SSN,
     "cirplant": cirplant.CIRPLANT,
 }
