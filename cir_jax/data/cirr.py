@@ -23,8 +23,9 @@ Protocol (CIRR section 5, and the official evaluation server):
 
 `target_soft` (graded alternative targets) and `img_set` ids are kept in
 `load_annotations` for analysis; the official recall uses `target_hard` only.
-The members with `target_soft` > 0 (the target, and in val 96 of 4,181 queries
-another member graded 1.0, 0.5 or 0.2) become `RetrievalSplit.soft_positives`,
+The set members (minus the reference) with `target_soft` > 0 (the target, and in
+val 63 of 4,181 queries another member graded 1.0, 0.5 or 0.2) become
+`RetrievalSplit.soft_positives`,
 which training never uses as negatives (loss.set_negatives, our extension).
 
 TFDS: `parse_split` is the parser; the `cir_cirr` builder (configs 'val',
