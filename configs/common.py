@@ -111,8 +111,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.margin = 0.2              # batch_hard_triplet: margin on distances of scaled embeddings
   c.loss.temperature = 0.01        # temperature_ce / ssn: tau (0.01 = CLIP's logit scale 100)
   c.loss.kl_weight = 1.0           # ssn: lambda of Eq. 9 (configs/ssn_cirr.py uses 1/batch)
-  c.loss.set_negatives = 0         # soft_triplet: S image-set members per query as extra
-                                   # negatives (CIRR's img_set, CIRPLANT); 0 = off
+  c.loss.set_negatives = 0         # soft_triplet: S CIRR image-set members per query as
+                                   # extra negatives, our extension (not CIRPLANT's); 0 = off
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = "sgd"
