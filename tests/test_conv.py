@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from cir_jax.models import conv
-from cir_jax.models import resnet
+from cir_jax.models import hf_resnet
 
 
 @pytest.mark.parametrize("kernel,strides,padding", [
@@ -30,10 +30,11 @@ def test_matmul_lowering_equals_native(kernel, strides, padding):
 
 def test_resnet_params_are_shared_between_lowerings():
   x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
-  native, matmul = resnet.ResNetTiny(conv_impl="xla"), resnet.ResNetTiny(conv_impl="matmul")
+  native = hf_resnet.ResNetBasicTiny(conv_impl="xla")
+  matmul = hf_resnet.ResNetBasicTiny(conv_impl="matmul")
   variables = native.init(jax.random.key(1), x)
   assert jax.tree.structure(variables) == jax.tree.structure(matmul.init(jax.random.key(1), x))
-  np.testing.assert_allclose(matmul.apply(variables, x)["pooled"], native.apply(variables, x)["pooled"],
+  np.testing.assert_allclose(matmul.apply(variables, x)[0], native.apply(variables, x)[0],
                              atol=1e-4)
 
 
