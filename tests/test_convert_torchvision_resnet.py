@@ -5,6 +5,7 @@ The reference is a plain-torch ResNet with torchvision's module names
 statistics, in eval mode; the converted directory must also be readable by
 transformers' ResNetForImageClassification (the microsoft/resnet-18 layout).
 """
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,12 +13,12 @@ import pytest
 import torch  # a required test extra (pyproject [test]): missing it is an error
 import transformers
 
-from cir_jax import checkpoint
-from cir_jax import experiment
+from cir_jax import init_from
 from cir_jax import pretrained
 from cir_jax.models import build
 from configs import tirg_fashion200k
 from tests import fakes
+from tests import test_models
 from tests import torchvision_reference as tv
 from tools import convert_torchvision_resnet as convert
 
@@ -86,27 +87,33 @@ def test_converted_directory_is_a_transformers_resnet(resnet18_dir):
                                atol=TOL, rtol=0)
 
 
+@flax.struct.dataclass
+class _State:
+  params: dict
+  batch_stats: dict
+
+
 def test_init_from_a_converted_state_dict_fills_the_image_tower(tmp_path):
-  """config.init_from through the trainer's restore path, checked against torch."""
-  model = tv.randomised(tv.ResNet(tv.BasicBlock, (1, 1), widths=(8, 16)), seed=3)
+  """config.init_from (cir_jax.init_from, as the trainer calls it), checked against torch."""
+  model = tv.randomised(tv.ResNet(tv.BasicBlock, (1, 1), widths=(8, 16)), seed=3, image_size=32)
   directory = _convert(model, tmp_path)
   config = fakes.tiny_config("tirg")           # model.image_encoder='resnet_tiny'
   config.init_from = directory
-  exp = experiment.build(config, experiment.make_mesh(config), vocab=range(20))
-  fresh = jax.device_get(exp.state.params)
-  manager = checkpoint.make_manager(tmp_path / "run", 1)
-  state = experiment.restore_or_init(exp, manager, lambda *_: None).state
+  retrieval = build.build_model(config.model, 20, config.data.image_size)
+  variables = jax.jit(retrieval.init)(jax.random.key(0), test_models._batch())  # pylint: disable=protected-access
+  fresh = _State(variables["params"], variables["batch_stats"])
+  state = init_from.load_into_state(config, retrieval, fresh, log=lambda *_: None)
   images, pixels = _images(32, seed=2)
-  tower = exp.model.image_encoder
-  out = tower.apply({"params": jax.device_get(state.params)["image_encoder"],
-                     "batch_stats": jax.device_get(state.batch_stats)["image_encoder"]}, images)
+  out = jax.jit(retrieval.image_encoder.apply)(
+      {"params": state.params["image_encoder"],
+       "batch_stats": state.batch_stats["image_encoder"]}, images)
   with torch.no_grad():
     ref_map = model.features(pixels).permute(0, 2, 3, 1).numpy()
   np.testing.assert_allclose(out["feature_map"], ref_map, atol=TOL, rtol=0)
-  # Only the image tower was loaded: the text encoder keeps its initialisation.
-  for a, b in zip(jax.tree.leaves(jax.device_get(state.params)["text_encoder"]),
-                  jax.tree.leaves(fresh["text_encoder"])):
-    np.testing.assert_array_equal(a, b)
+  # Only the image tower was loaded: the text encoder and composer keep their initialisation.
+  for part in ("text_encoder", "composer"):
+    for a, b in zip(jax.tree.leaves(state.params[part]), jax.tree.leaves(fresh.params[part])):
+      np.testing.assert_array_equal(a, b)
 
 
 def test_bottleneck_config_and_unknown_keys():
