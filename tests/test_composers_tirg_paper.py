@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cir_jax import losses
 from cir_jax.models import build
 from cir_jax.models import composers
 from cir_jax.models.composers import param_hashing
@@ -25,8 +26,8 @@ CASES = [
     ("param_hashing", {"pool_size": 64}),
     ("relationship", {"hidden_dim": 8, "dropout": 0.1}),
     ("mrn", {"num_blocks": 2}),
-    ("film", {}),                  # last stage, applied to the encoder's output map
-    ("film", {"stages": (0, -1)}),  # stage 0 through the backbone hook, plus the last
+    ("film", {}),                   # every residual block (the paper's FiLM)
+    ("film", {"blocks": (-1,)}),    # the last block only: the encoder's output map
 ]
 IDS = [f"{n}-{'-'.join(f'{k}={v}' for k, v in kw.items())}" for n, kw in CASES]
 
@@ -61,23 +62,47 @@ def _replace(variables, path, fn):
   return {**variables, "params": flax.traverse_util.unflatten_dict(flat)}
 
 
-@pytest.mark.parametrize("stages", [(-1,), (0,), (0, 1)])
-def test_film_with_gamma_one_beta_zero_is_the_identity(stages):
-  model, variables = _model_and_variables("film", stages=stages)
+@pytest.mark.parametrize("blocks", [None, (-1,), (0,), (0, 1)])
+def test_film_with_gamma_one_beta_zero_is_the_identity(blocks):
+  model, variables = _model_and_variables("film", blocks=blocks)
   batch = test_models._batch()  # pylint: disable=protected-access
   generators = set(variables["params"]["composer"])
-  assert generators == {f"film_{'last' if s < 0 else s}" for s in stages}
+  num_blocks = 2  # resnet_tiny: one block in each of two stages
+  expected = range(num_blocks) if blocks is None else [b % num_blocks for b in blocks]
+  assert generators == {f"film_{b}" for b in expected}
   # Zero generator weights: gamma = 1 + 0, beta = 0 -> the unmodulated image embedding.
   identity = _replace(variables, ("composer",), lambda k, v: jnp.zeros_like(v))
   unmodulated = model.apply(identity, batch["ref_image"], method=model.encode_target)
   np.testing.assert_allclose(_query(model, identity, batch), unmodulated, atol=1e-5)
-  # And the (randomly initialised) generators do change it, at every named stage.
+  # And the (randomly initialised) generators do change it, at every named block.
   assert np.abs(_query(model, variables, batch) - unmodulated).max() > 1e-3
 
 
-def test_film_rejects_stages_the_encoder_does_not_have():
-  with pytest.raises(ValueError, match="film stages \\['5'\\] were never reached"):
-    _model_and_variables("film", stages=(0, 5))
+def test_film_first_block_gets_a_gradient_from_the_loss():
+  # The default FiLM modulates every block; the first block's generator must learn from the
+  # training loss (with the last-map-only FiLM it had no parameters at all).
+  config = fakes.tiny_config("film")
+  model, variables = _model_and_variables("film")
+  batch = test_models._batch()  # pylint: disable=protected-access
+  loss_fn = losses.get_loss_fn(config.loss)
+
+  def loss(params):
+    (query, target, _), _ = model.apply({**variables, "params": params}, batch, train=True,
+                                        mutable=["batch_stats"],
+                                        rngs={"dropout": jax.random.key(1)})
+    return loss_fn(query, target, jnp.arange(query.shape[0]))
+
+  grads = jax.grad(loss)(variables["params"])["composer"]
+  assert set(grads) == {"film_0", "film_1"}
+  for block in ("film_0", "film_1"):
+    norm = float(jnp.sqrt(sum(jnp.sum(g**2) for g in jax.tree.leaves(grads[block]))))
+    assert np.isfinite(norm) and norm > 1e-6, (block, norm)
+
+
+def test_film_rejects_blocks_the_encoder_does_not_have():
+  with pytest.raises(ValueError, match=r"film blocks \[5\] do not exist: the image encoder has "
+                     r"2 residual blocks \(valid indices -2..1\)"):
+    _model_and_variables("film", blocks=(0, 5))
 
 
 def test_mrn_with_zero_block_weights_returns_the_text_feature():
