@@ -120,18 +120,19 @@ def test_mrn_with_zero_block_weights_returns_the_text_feature():
 
 
 def test_param_hashing_weights_are_the_pool_with_fixed_signs():
-  d, pool_size = 6, 5
-  index, sign = param_hashing.hash_tables(d, d, pool_size, seed=3)
-  again = param_hashing.hash_tables(d, d, pool_size, seed=3)
+  d, c, pool_size = 6, 7, 5
+  index, sign = param_hashing.hash_tables(d, c, pool_size, seed=3)
+  again = param_hashing.hash_tables(d, c, pool_size, seed=3)
   np.testing.assert_array_equal(index, again[0])
   np.testing.assert_array_equal(sign, again[1])
   assert set(np.unique(sign)) == {-1.0, 1.0} and index.min() >= 0 and index.max() < pool_size
-  assert not np.array_equal(index, param_hashing.hash_tables(d, d, pool_size, seed=4)[0])
+  assert not np.array_equal(index, param_hashing.hash_tables(d, c, pool_size, seed=4)[0])
 
   composer = composers.get_composer("param_hashing", embed_dim=d, pool_size=pool_size,
                                     hash_seed=3)
   rng = np.random.default_rng(0)
-  image = {"embedding": jnp.asarray(rng.normal(size=(2, d)), jnp.float32)}
+  image = {"pooled": jnp.asarray(rng.normal(size=(2, c)), jnp.float32),
+           "embedding": jnp.asarray(rng.normal(size=(2, d)), jnp.float32)}
   text = {"pooled": jnp.asarray(rng.normal(size=(2, 4)), jnp.float32)}
   variables = composer.init(jax.random.key(0), image, text)
   assert set(variables["params"]) == {"pool_fc"}  # the hash tables are not parameters
@@ -139,9 +140,22 @@ def test_param_hashing_weights_are_the_pool_with_fixed_signs():
   fc = variables["params"]["pool_fc"]
   pool = np.asarray(text["pooled"] @ fc["kernel"] + fc["bias"])
   for b in range(2):
-    w = np.array([[sign[i, j] * pool[b, index[i, j]] for j in range(d)] for i in range(d)])
-    np.testing.assert_allclose(out[b], w @ np.asarray(image["embedding"][b]), rtol=1e-5,
+    w = np.array([[sign[i, j] * pool[b, index[i, j]] for j in range(c)] for i in range(d)])
+    np.testing.assert_allclose(out[b], w @ np.asarray(image["pooled"][b]), rtol=1e-5,
                                atol=1e-6)
+
+
+def test_param_hashing_replaces_the_image_fc():
+  # TIRG paper 3.1: the hashed T_t "is used to replace a fc layer in the image CNN". The
+  # query is W(t) applied to the trunk's pooled feature: the fc (target_proj) that maps it
+  # for targets is not on the query path at all.
+  model, variables = _model_and_variables("param_hashing", pool_size=64)
+  batch = test_models._batch()  # pylint: disable=protected-access
+  changed = _replace(variables, ("target_proj",), lambda k, v: v + 1.0)
+  np.testing.assert_array_equal(_query(model, variables, batch), _query(model, changed, batch))
+  assert np.abs(model.apply(variables, batch["target_image"], method=model.encode_target)
+                - model.apply(changed, batch["target_image"], method=model.encode_target)
+                ).max() > 1e-3
 
 
 def test_relation_network_sums_every_ordered_pair_and_is_a_set_function():
