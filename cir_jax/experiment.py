@@ -141,7 +141,7 @@ def check_config(config):
 def build(config, mesh, vocab, log=None) -> Experiment:
   """Model, optimiser and a freshly initialised train state (replicated over `mesh`)."""
   check_config(config)
-  model = build_lib.build_model(config.model, len(vocab))
+  model = build_lib.build_model(config.model, len(vocab), config.data.image_size)
   example = example_batch(config)
   # The optimizer's parameter groups (freezing, lr multipliers) need the params' paths.
   shapes = params_shapes(model, example)

@@ -183,3 +183,16 @@ def cirr_pretrained_data(c, tokenizer: str, max_text_len: int):
   c.data.tokenizer = tokenizer or "vocab"
   c.eval.ks = (1, 5, 10, 50)
   return c
+
+
+# The TIRG family's image encoder (google/tirg img_text_composition_models.py + main.py).
+TIRG_TRUNK = r"^(query_)?image_encoder/"   # the ResNet trunk; its fc is our target/query_proj
+
+
+def tirg_resnet18(c, real_images: bool):
+  """ResNet-18 trunk, loadable by init_from; on real-image datasets google/tirg's
+  learning-rate groups (main.py): the trunk at 0.1x, its fc and the rest at 1x."""
+  c.model.image_encoder = "resnet18"
+  c.init_from = ""   # the user's ResNet-18 directory; empty = from scratch (a deviation)
+  c.optimizer.lr_multipliers = ((TIRG_TRUNK, 0.1),) if real_images else ()
+  return c

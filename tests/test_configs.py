@@ -119,3 +119,25 @@ def _flatten(d, prefix=()):
       yield from _flatten(v, prefix + (k,))
     else:
       yield prefix + (k,), v
+
+
+@pytest.mark.parametrize("name,trunk_factor", [
+    ("tirg_fashion200k", 0.1), ("tirg_mit_states", 0.1), ("tirg_cirr", 0.1),
+    ("tirg_fashioniq", 0.1), ("tirg_css", 1.0)])
+def test_tirg_learning_rate_groups_follow_google_tirg(name, trunk_factor):
+  # google/tirg main.py: on real-image datasets the pretrained trunk learns at 0.1x, its fc
+  # (our target_proj) and everything else at 1x; CSS keeps one rate. Weight decay off here
+  # so the first SGD update is -lr * multiplier * grad.
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from cir_jax import optim  # pylint: disable=g-import-not-at-top
+  config = importlib.import_module(f"configs.{name}").get_config()
+  assert config.model.image_encoder == "resnet18" and config.init_from == ""
+  config.optimizer.weight_decay = 0.0
+  params = {"image_encoder": {"encoder": {"kernel": jnp.ones(3)}},
+            "target_proj": {"kernel": jnp.ones(3)}, "composer": {"w": jnp.ones(3)}}
+  tx = optim.make_optimizer(config.optimizer, params)
+  updates, _ = tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params), params)
+  lr = config.optimizer.learning_rate
+  assert float(updates["target_proj"]["kernel"][0]) == pytest.approx(-lr)
+  assert float(updates["composer"]["w"][0]) == pytest.approx(-lr)
+  assert float(updates["image_encoder"]["encoder"]["kernel"][0]) == pytest.approx(-lr * trunk_factor)
