@@ -1,11 +1,13 @@
 """CLIP's modified ResNet (RN50/RN50x4 towers) loaded from an open_clip-layout state dict
 matches a torch reference built here from the architecture (random weights, eval-mode BN)."""
+import collections
 import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors.numpy
 import safetensors.torch
 
 import torch  # a required test extra (pyproject [test]): missing it is an error
@@ -235,3 +237,84 @@ def test_combiner_configs_build_rn_towers(get_config, image_encoder, text_encode
   assert tower["attnpool"]["c_proj"]["kernel"].shape == (32 * width, embed_dim)
   query, target, _ = jax.eval_shape(lambda v, b: model.apply(v, b), variables, batch)
   assert query.shape == target.shape == (2, embed_dim)
+
+
+# ------------------------------------- the text tower of an open_clip RN checkpoint
+
+
+class RefTextBlock(nn.Module):
+  """open_clip's ResidualAttentionBlock names: ln_1, attn (packed in_proj), ln_2, mlp.c_fc/c_proj."""
+
+  def __init__(self, width, heads):
+    super().__init__()
+    self.ln_1, self.ln_2 = nn.LayerNorm(width), nn.LayerNorm(width)
+    self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
+    self.mlp = nn.Sequential(collections.OrderedDict(
+        c_fc=nn.Linear(width, 4 * width), c_proj=nn.Linear(4 * width, width)))
+
+  def forward(self, x, mask):
+    y = self.ln_1(x)
+    x = x + self.attn(y, y, y, attn_mask=mask, need_weights=False)[0]
+    h = self.mlp.c_fc(self.ln_2(x))
+    return x + self.mlp.c_proj(h * torch.sigmoid(1.702 * h))  # QuickGELU
+
+
+class RefText(nn.Module):
+
+  def __init__(self, vocab=99, context=16, width=32, heads=4, layers=2, embed=24):
+    super().__init__()
+    self.token_embedding = nn.Embedding(vocab, width)
+    self.positional_embedding = nn.Parameter(torch.randn(context, width) * 0.1)
+    self.transformer = nn.Module()
+    self.transformer.resblocks = nn.ModuleList(RefTextBlock(width, heads) for _ in range(layers))
+    self.ln_final = nn.LayerNorm(width)
+    self.text_projection = nn.Parameter(torch.randn(width, embed) * width**-0.5)
+
+  def forward(self, ids):
+    length = ids.shape[1]
+    mask = torch.full((length, length), float("-inf")).triu(1)
+    x = self.token_embedding(ids) + self.positional_embedding[:length]
+    for block in self.transformer.resblocks:
+      x = block(x, mask)
+    x = self.ln_final(x)
+    return x[torch.arange(len(ids)), ids.argmax(-1)] @ self.text_projection
+
+
+def test_open_clip_text_tower_loads_into_clip_text_encoder(tmp_path):
+  torch.manual_seed(1)
+  text = RefText().eval()
+  with torch.no_grad():
+    for m in text.modules():
+      if isinstance(m, nn.LayerNorm):
+        m.weight.uniform_(0.5, 1.5)
+        m.bias.normal_(0, 0.1)
+      if isinstance(m, nn.MultiheadAttention):
+        m.in_proj_bias.normal_(0, 0.1)
+  source = _save_open_clip(_reference(), tmp_path / "download")
+  state = safetensors.torch.load_file(str(source / clip_resnet.OPEN_CLIP_WEIGHTS))
+  state = {k: v for k, v in state.items() if k.startswith("visual.")}
+  state.update({k: v.contiguous() for k, v in text.state_dict().items()})
+  state["logit_scale"] = torch.tensor(4.6)
+  safetensors.torch.save_file(state, str(source / clip_resnet.OPEN_CLIP_WEIGHTS))
+  cfg = json.loads((source / clip_resnet.OPEN_CLIP_CONFIG).read_text())
+  cfg["model_cfg"]["text_cfg"]["layers"] = 2
+  cfg["model_cfg"]["quick_gelu"] = True
+  (source / clip_resnet.OPEN_CLIP_CONFIG).write_text(json.dumps(cfg))
+
+  directory = clip_resnet.prepare_open_clip_text_directory(str(source), str(tmp_path / "text"))
+  module, variables = pretrained.load_pretrained(directory, "clip_text")
+  assert (module.eos_token_id, module.projection_dim, module.hidden_act) == (2, 24, "quick_gelu")
+  rng = np.random.default_rng(0)
+  ids = rng.integers(1, 90, (3, 12))
+  ids[0, 5], ids[1, 11], ids[2, 0] = 98, 98, 98   # the EOT token: the highest id
+  ids[0, 6:] = 0                                  # padding after it, as open_clip's tokenizer
+  mask = (np.arange(12)[None] <= np.argmax(ids, -1)[:, None]).astype(np.int32)
+  embedding, _ = jax.jit(module.apply)(variables, jnp.asarray(ids, jnp.int32), jnp.asarray(mask))
+  with torch.no_grad():
+    ref = text(torch.from_numpy(ids)).numpy()
+  np.testing.assert_allclose(embedding, ref, atol=TOL, rtol=TOL)
+
+  # a tower with fewer layers than the checkpoint names the left-over tensors
+  with pytest.raises(ValueError, match="resblocks.1"):
+    clip_resnet.open_clip_text_state(safetensors.numpy.load_file(
+        str(source / clip_resnet.OPEN_CLIP_WEIGHTS)), num_layers=1)

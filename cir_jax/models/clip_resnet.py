@@ -268,3 +268,95 @@ def prepare_open_clip_directory(source: str, destination: str) -> str:
   except OSError:
     shutil.copyfile(weights_path, target)
   return destination
+
+
+# The text tower of an open_clip checkpoint is CLIP's transformer under other names.
+# `_OPEN_CLIP_TEXT` maps them onto transformers' CLIPTextModelWithProjection names, which
+# `cir_jax.pretrained` (family 'clip_text') reads; {i} is the block index.
+_OPEN_CLIP_TEXT = {
+    "token_embedding.weight": "text_model.embeddings.token_embedding.weight",
+    "positional_embedding": "text_model.embeddings.position_embedding.weight",
+    "ln_final.weight": "text_model.final_layer_norm.weight",
+    "ln_final.bias": "text_model.final_layer_norm.bias",
+}
+_OPEN_CLIP_BLOCK = {
+    "ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj": "self_attn.out_proj",
+    "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2",
+}
+
+
+def open_clip_text_state(state, num_layers: int) -> dict:
+  """open_clip text tensors -> transformers CLIPTextModelWithProjection tensors (numpy).
+
+  Splits each block's packed `attn.in_proj_weight` [3w, w] / `in_proj_bias` [3w] into
+  q/k/v (in that order, as torch's MultiheadAttention packs them) and transposes the bare
+  `text_projection` [w, d] (used as x @ P) into a Linear weight [d, w]. Raises a
+  ValueError naming the first open_clip text tensor it cannot place.
+  """
+  missing = sorted(k for k in list(_OPEN_CLIP_TEXT) + ["text_projection"] if k not in state)
+  if missing:
+    raise ValueError(f"open_clip state has no text tower tensors {missing}")
+  out = {}
+  for key, target in _OPEN_CLIP_TEXT.items():
+    out[target] = state[key]
+  out["text_projection.weight"] = np_transpose(state["text_projection"])
+  for i in range(num_layers):
+    src, dst = f"transformer.resblocks.{i}.", f"text_model.encoder.layers.{i}."
+    for name, target in _OPEN_CLIP_BLOCK.items():
+      for leaf in ("weight", "bias"):
+        out[f"{dst}{target}.{leaf}"] = state[f"{src}{name}.{leaf}"]
+    for leaf in ("weight", "bias"):
+      packed = state[f"{src}attn.in_proj_{leaf}"]
+      for part, chunk in zip("qkv", np_split3(packed)):
+        out[f"{dst}self_attn.{part}_proj.{leaf}"] = chunk
+  used = set(_OPEN_CLIP_TEXT) | {"text_projection"} | {
+      f"transformer.resblocks.{i}.{name}.{leaf}" for i in range(num_layers)
+      for name in _OPEN_CLIP_BLOCK for leaf in ("weight", "bias")} | {
+      f"transformer.resblocks.{i}.attn.in_proj_{leaf}" for i in range(num_layers)
+      for leaf in ("weight", "bias")}
+  left = sorted(k for k in state if not k.startswith(VISUAL_PREFIX) and k not in used
+                and k not in ("logit_scale", "attn_mask"))
+  if left:
+    raise ValueError(f"open_clip text tensors with no place in a {num_layers}-layer CLIP text "
+                     f"tower: {left[:5]}" + (f" (+{len(left) - 5} more)" if len(left) > 5 else ""))
+  return out
+
+
+def np_transpose(x):
+  return x.T.copy()
+
+
+def np_split3(x):
+  if x.shape[0] % 3:
+    raise ValueError(f"packed in_proj has {x.shape[0]} rows, not a multiple of 3")
+  n = x.shape[0] // 3
+  return x[:n], x[n:2 * n], x[2 * n:]
+
+
+def prepare_open_clip_text_directory(source: str, destination: str) -> str:
+  """Writes the text tower of an open_clip download as a transformers-layout
+  CLIPTextModelWithProjection directory (config.json + model.safetensors) for family
+  'clip_text' (e.g. `config.init_from_text`). Pooling is at the highest token id
+  (open_clip's argmax = eos_token_id 2 in our CLIPTextEncoder); quick_gelu from the config.
+  """
+  import safetensors.numpy  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(source, OPEN_CLIP_CONFIG)) as f:
+    config = json.load(f)
+  cfg = config.get("model_cfg", config)
+  text = cfg.get("text_cfg", {})
+  width, layers = int(text.get("width", 512)), int(text.get("layers", 12))
+  state = safetensors.numpy.load_file(os.path.join(source, OPEN_CLIP_WEIGHTS))
+  hf_config = {"model_type": "clip_text_model", "vocab_size": int(text.get("vocab_size", 49408)),
+               "max_position_embeddings": int(text.get("context_length", 77)),
+               "hidden_size": width, "num_hidden_layers": layers,
+               "num_attention_heads": int(text.get("heads", 8)),
+               "intermediate_size": int(width * text.get("mlp_ratio", 4.0)),
+               "projection_dim": int(cfg.get("embed_dim", 512)), "eos_token_id": 2,
+               "hidden_act": "quick_gelu" if cfg.get("quick_gelu", False) else "gelu",
+               "layer_norm_eps": 1e-5}
+  os.makedirs(destination, exist_ok=True)
+  with open(os.path.join(destination, "config.json"), "w") as f:
+    json.dump(hf_config, f, indent=1)
+  safetensors.numpy.save_file(open_clip_text_state(state, layers),
+                              os.path.join(destination, "model.safetensors"))
+  return destination
