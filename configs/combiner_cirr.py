@@ -9,7 +9,9 @@ projection 4x, hidden 8x the CLIP width).
 `init_from` the original CLIP checkpoint instead skips stage 1: a Combiner on
 frozen, NOT fine-tuned CLIP, an ablation of ours. It is not SSN's "Baseline"
 (SSN's baseline fine-tunes CLIP) nor CLIP4Cir's full method.
-ViT-B/32 (CLIP4Cir's best numbers use RN50x4, not implemented here):
+ViT-B/32 here (CLIP4Cir's best numbers use RN50x4: model.image_encoder=clip_rn50x4,
+model.text_encoder=clip_text_rn50x4, model.embed_dim=640, data.image_size=288, weights from
+open_clip, see docs/fidelity.md):
   python -m cir_jax.train --config configs/combiner_cirr.py:init_from=runs/clip4cir_stage1_cirr,tokenizer=/ckpt/clip-vit-base-patch32 \
       --config.data.manual_dir=/path/to/cirr --workdir runs/clip4cir_stage2_cirr
 (`tokenizer=` names the CLIP directory whose tokenizer files to use; default init_from.)

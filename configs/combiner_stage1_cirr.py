@@ -12,8 +12,10 @@ batch 128, 100 epochs, TargetPad 1.25 preprocessing. Stage 2
       --config.data.manual_dir=/path/to/cirr --workdir runs/clip4cir_stage2_cirr
 (`init_from` a workdir copies its newest checkpoint's CLIP towers, cir_jax/init_from.py.)
 Differences from CLIP4Cir, on purpose or by necessity: ViT-B/32 from a Hugging Face
-directory (CLIP4Cir's best numbers use RN50x4, whose modified-ResNet tower is not
-implemented here); Adam eps 1e-8 (theirs 1e-7); float32 (theirs mixed precision).
+directory by default (CLIP4Cir's best numbers use RN50x4: model.image_encoder=clip_rn50x4,
+model.text_encoder=clip_text_rn50x4, model.embed_dim=640, data.image_size=288, with
+init_from_image / init_from_text prepared from an open_clip download, docs/fidelity.md);
+Adam eps 1e-8 (theirs 1e-7); float32 (theirs mixed precision).
 Tests use `:tiny` (tiny random towers, 32 px).
 """
 from configs import combiner_cirr

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from cir_jax.models import adapters
 from cir_jax.models import bert
 from cir_jax.models import clip
+from cir_jax.models import clip_resnet
 from cir_jax.models import composers
 from cir_jax.models import conv as conv_lib
 from cir_jax.models import hf_resnet
@@ -44,6 +45,11 @@ CLIP_IMAGE_ENCODERS: dict[str, Callable] = {
     # Tiny variants for tests; projection 32 = the text width, as in ViT-B (512/512).
     "clip_vision_tiny": _adapted(adapters.CLIPImageEncoder,
                                  functools.partial(clip.CLIPVisionTiny, projection_dim=32)),
+    # CLIP's modified ResNets (open_clip checkpoints, family 'clip_resnet').
+    "clip_rn50": _adapted(adapters.CLIPResNetImageEncoder, clip_resnet.RN50),
+    "clip_rn101": _adapted(adapters.CLIPResNetImageEncoder, clip_resnet.RN101),
+    "clip_rn50x4": _adapted(adapters.CLIPResNetImageEncoder, clip_resnet.RN50x4),
+    "clip_rn_tiny": _adapted(adapters.CLIPResNetImageEncoder, clip_resnet.RNTiny),
 }
 
 # ResNets (all `hf_resnet.HFResNet`, all loadable by init_from): name -> preset.
@@ -67,6 +73,9 @@ IMAGE_ENCODERS = PRETRAINED_IMAGE_ENCODERS
 PRETRAINED_TEXT_ENCODERS: dict[str, Callable] = {
     "clip_text": _adapted(adapters.CLIPTextEncoder, clip.CLIPTextB),
     "clip_text_l": _adapted(adapters.CLIPTextEncoder, clip.CLIPTextL),
+    # Text towers of the RN CLIPs (projection = the RN image tower's output width).
+    "clip_text_rn50": _adapted(adapters.CLIPTextEncoder, clip.CLIPTextRN50),
+    "clip_text_rn50x4": _adapted(adapters.CLIPTextEncoder, clip.CLIPTextRN50x4),
     "clip_text_tiny": _adapted(adapters.CLIPTextEncoder,
                                functools.partial(clip.CLIPTextTiny, projection_dim=32)),
     "bert_base": _adapted(adapters.BertTextEncoder, bert.BertBase),
