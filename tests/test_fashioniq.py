@@ -140,6 +140,7 @@ def test_training_draws_one_caption_form_per_triplet(fiq_dir):
   assert data.num_examples == 18000 and data.steps_per_epoch() == 4
   groups = split.query_groups
   drawn = np.zeros(split.num_queries, np.int64)
+  epoch_q = np.zeros(0, np.int64)
   for step in range(80 * 4):
     q = data.step_indices(step).numpy()
     assert len(np.unique(groups[q])) == len(q) == 4096, step

@@ -1,6 +1,5 @@
 """MIT-States Table 3 as published: TIRG(noun, adjective) embeddings classify unseen pairs."""
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax

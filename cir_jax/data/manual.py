@@ -21,7 +21,6 @@ header but corrupt data still fails when tf.data decodes it, with an error
 naming the file, its split and its gallery row (cir_jax/data/pipeline.py).
 """
 import json
-import os
 import pathlib
 from typing import Any, Optional, Sequence
 
