@@ -50,7 +50,8 @@ class Evaluator:
                   registry.load_split(config.data, split or config.data.eval_split, log=log))
     self.data = pipeline.EvalPipeline(self.split, vocab, config.data.max_text_len,
                                       config.eval.batch_size, mesh, config.data.image_size,
-                                      max_queries=config.data.eval_max_queries, log=log)
+                                      max_queries=config.data.eval_max_queries, log=log,
+                                      **pipeline.preprocess_kwargs(config.data))
     out = sharding.batch_sharding(mesh)
     self._encode_target = jax.jit(
         lambda v, images: model.apply(v, images, train=False, method=model.encode_target),

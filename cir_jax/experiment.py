@@ -141,7 +141,7 @@ def check_config(config):
 def build(config, mesh, vocab, log=None) -> Experiment:
   """Model, optimiser and a freshly initialised train state (replicated over `mesh`)."""
   check_config(config)
-  model = build_lib.build_model(config.model, len(vocab))
+  model = build_lib.build_model(config.model, len(vocab), config.data.image_size)
   example = example_batch(config)
   # The optimizer's parameter groups (freezing, lr multipliers) need the params' paths.
   shapes = params_shapes(model, example)
@@ -181,7 +181,8 @@ def setup_training(config, workdir, log) -> tuple[Experiment, pipeline.TrainPipe
   train_data = pipeline.TrainPipeline(train_split, vocab, config.data.max_text_len,
                                       config.batch_size, mesh, config.seed,
                                       config.data.image_size, log=log,
-                                      set_negatives=config.loss.get("set_negatives", 0))
+                                      set_negatives=config.loss.get("set_negatives", 0),
+                                      **pipeline.preprocess_kwargs(config.data))
   return experiment, train_data
 
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from cir_jax.models import conv
-from cir_jax.models import resnet
+from cir_jax.models import hf_resnet
 
 
 @pytest.mark.parametrize("kernel,strides,padding", [
@@ -30,10 +30,11 @@ def test_matmul_lowering_equals_native(kernel, strides, padding):
 
 def test_resnet_params_are_shared_between_lowerings():
   x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
-  native, matmul = resnet.ResNetTiny(conv_impl="xla"), resnet.ResNetTiny(conv_impl="matmul")
+  native = hf_resnet.ResNetBasicTiny(conv_impl="xla")
+  matmul = hf_resnet.ResNetBasicTiny(conv_impl="matmul")
   variables = native.init(jax.random.key(1), x)
   assert jax.tree.structure(variables) == jax.tree.structure(matmul.init(jax.random.key(1), x))
-  np.testing.assert_allclose(matmul.apply(variables, x)["pooled"], native.apply(variables, x)["pooled"],
+  np.testing.assert_allclose(matmul.apply(variables, x)[0], native.apply(variables, x)[0],
                              atol=1e-4)
 
 
@@ -79,11 +80,13 @@ def test_mixed_picks_per_layer_and_equals_native():
   assert conv.layer_impl("matmul", (64, 64), (3, 3), (1, 1), pad) == "matmul"
   # ResNetTiny at 32 px: stage 0 (8x8 maps) native, stage 1 (4x4) and the stem as matmuls.
   x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
-  native, mixed = resnet.ResNetTiny(conv_impl="xla"), resnet.ResNetTiny(conv_impl="mixed")
+  native = hf_resnet.ResNetBasicTiny(conv_impl="xla")
+  mixed = hf_resnet.ResNetBasicTiny(conv_impl="mixed")
   variables = native.init(jax.random.key(1), x)
 
   def loss(params, model):
-    out, _ = model.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"])
+    (_, out), _ = model.apply({**variables, "params": params}, x, train=True,
+                              mutable=["batch_stats"])
     return jnp.sum(jnp.sin(out["feature_map"]))
 
   np.testing.assert_allclose(loss(variables["params"], mixed), loss(variables["params"], native),
@@ -91,3 +94,50 @@ def test_mixed_picks_per_layer_and_equals_native():
   for a, b in zip(jax.tree.leaves(jax.grad(loss)(variables["params"], mixed)),
                   jax.tree.leaves(jax.grad(loss)(variables["params"], native))):
     np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def _conv_ops(config, image_size):
+  """Native convolutions in the traced query + target computation of config's model."""
+  from cir_jax.models import build  # pylint: disable=g-import-not-at-top
+  model = build.build_model(config.model, 20, image_size)
+  b, length = 2, 4
+  batch = {"ref_image": jax.ShapeDtypeStruct((b, image_size, image_size, 3), jnp.uint8),
+           "target_image": jax.ShapeDtypeStruct((b, image_size, image_size, 3), jnp.uint8),
+           "text_ids": jax.ShapeDtypeStruct((b, length), jnp.int32),
+           "text_mask": jax.ShapeDtypeStruct((b, length), jnp.bool_)}
+  variables = jax.eval_shape(model.init, jax.random.key(0), batch)
+  jaxpr = jax.make_jaxpr(model.apply)(variables, batch)
+  return model, _count(jaxpr.jaxpr, "conv_general_dilated")
+
+
+def _count(jaxpr, primitive):
+  """Equations of `primitive` in a jaxpr, sub-jaxprs (pjit, remat, ...) included."""
+  total = 0
+  for eqn in jaxpr.eqns:
+    total += eqn.primitive.name == primitive
+    for sub in jax.core.jaxprs_in_params(eqn.params):
+      total += _count(sub, primitive)
+  return total
+
+
+# resnet_tiny: stem + 2 + (2 + the shortcut of the second block), run on reference and target
+# images; TIRGLastConv: 2 branches x 2.
+CONVS = 2 * 6 + 4
+
+
+@pytest.mark.parametrize("conv_impl,image_size", [("xla", 32), ("matmul", 224), ("auto", 224),
+                                                  ("auto", 32)])
+def test_model_conv_impl_reaches_every_convolution(conv_impl, image_size):
+  from tests import fakes  # pylint: disable=g-import-not-at-top
+  config = fakes.tiny_config("tirg_lastconv")
+  config.model.conv_impl = conv_impl
+  model, native = _conv_ops(config, image_size)
+  expected = conv.resolve_conv_impl(conv_impl, image_size * image_size)
+  assert model.image_encoder.encoder.conv_impl == expected
+  assert model.composer.conv_impl == expected
+  # 'matmul' leaves no native convolution anywhere; 'xla' keeps every one (encoder + composer);
+  # 'mixed' (auto on CPU at small sizes) keeps some, by layer (conv.layer_impl).
+  if expected == "mixed":
+    assert 0 < native < CONVS, native
+  else:
+    assert native == (0 if expected == "matmul" else CONVS), (expected, native)

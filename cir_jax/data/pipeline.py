@@ -1,15 +1,24 @@
 """tf.data input pipelines that feed global, sharded jax.Arrays.
 
-Training order is a pure function of (seed, step): the example stream is the
-concatenation of per-epoch permutations, and step s takes positions
-[s*B, (s+1)*B) of it. Every process computes the same global batch indices and
+Training order is a pure function of (seed, step): epoch e is a permutation
+(seeded by (seed, e)) of the training examples cut into floor(n / B) full
+batches, the rest of it dropped (PyTorch's drop_last=True, as google/tirg and
+CLIP4Cir train), so no batch spans two epochs; step s is batch s mod
+floor(n / B) of epoch s div floor(n / B). An example is a query, or, when the
+split has `query_groups` (FashionIQ's caption forms), a group: each epoch
+draws one member of each group (uniformly, seeded by (seed, e)), so a batch
+never holds two texts of one triplet (they would be each other's false
+negatives) and over epochs every form is used, as CLIP4Cir's
+generate_randomized_fiq_caption does per triplet and batch. Every process computes the same global batch indices and
 keeps its own contiguous slice, so
 
 * resuming at step s reproduces the uninterrupted run exactly (no iterator state);
 * N processes see exactly the batches one process would (the multi-host test).
 
-Images come either from an in-memory uint8 table (CSS; gathered, no decoding)
-or from files (real datasets; decoded and resized in parallel). Text is
+Images come either from an in-memory uint8 table (CSS; gathered, no decoding,
+already at their size) or from files (real datasets; decoded and brought to
+S x S in parallel by `data.preprocess`: each paper's resize/crop/pad, see
+cir_jax.data.preprocess). Text is
 tokenised once per split, up front, in one vectorised call. Pixels stay uint8
 until they reach the device.
 """
@@ -20,6 +29,7 @@ import numpy as np
 import tensorflow as tf
 
 from cir_jax import sharding
+from cir_jax.data import preprocess as preprocess_lib
 from cir_jax.data.tables import RetrievalSplit
 from cir_jax.data.vocab import Vocabulary
 
@@ -39,11 +49,23 @@ def encode_texts(split: RetrievalSplit, vocab: Vocabulary, max_len: int, log=pri
   return ids, mask
 
 
+def preprocess_kwargs(data_config) -> dict:
+  """The pipelines' image preprocessing arguments from `config.data` (file-based images only).
+
+  'squash' when the config predates `data.preprocess` (its old behaviour).
+  """
+  return {"preprocess": data_config.get("preprocess", "squash"),
+          "pad_ratio": float(data_config.get("target_pad_ratio", 1.25))}
+
+
 class _ImageSource:
   """Gathers (in-memory) or decodes (files) images by gallery index, inside tf.data."""
 
-  def __init__(self, images: Optional[np.ndarray], paths, image_size: int):
+  def __init__(self, images: Optional[np.ndarray], paths, image_size: int,
+               preprocess: str = "squash", pad_ratio: float = 1.25):
+    preprocess_lib.check(preprocess, pad_ratio)
     self.image_size = image_size
+    self.preprocess, self.pad_ratio = preprocess, pad_ratio
     if images is not None:
       # A variable, not a constant: large tables would overflow the 2 GB graph limit.
       self.table = tf.Variable(images, trainable=False)
@@ -91,8 +113,8 @@ class _ImageSource:
     def decode(i):
       data = tf.io.read_file(self.paths[i])
       image = tf.io.decode_image(data, channels=3, expand_animations=False)
-      image = tf.image.resize(image, [self.image_size, self.image_size], antialias=True)
-      return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+      return preprocess_lib.preprocess_image(image, self.image_size, self.preprocess,
+                                             self.pad_ratio)
 
     return tf.map_fn(decode, index, fn_output_signature=tf.TensorSpec(
         [self.image_size, self.image_size, 3], tf.uint8), parallel_iterations=16)
@@ -118,8 +140,10 @@ def epoch_permutation(seed: int, epoch, size: int):
 
 
 def set_negative_rows(split: RetrievalSplit, size: int) -> np.ndarray:
-  """int64 [Q, size]: each query's image-set members that are neither its reference nor
-  in its target set, -1 padded (the extra negatives of CIRPLANT's training, CIRR)."""
+  """int64 [Q, size]: each query's image-set members that are neither its reference, nor
+  in its target set, nor graded a partial match (`split.soft_positives`, CIRR's
+  target_soft > 0), -1 padded: the extra negatives of loss.set_negatives, our extension
+  (CIRPLANT's paper and code use the set members only as positives)."""
   if split.candidates is None:
     raise ValueError(f"{split.name} has no image sets (RetrievalSplit.candidates), so "
                      f"loss.set_negatives={size} cannot be used; set it to 0")
@@ -128,6 +152,9 @@ def set_negative_rows(split: RetrievalSplit, size: int) -> np.ndarray:
   valid = candidates >= 0
   valid &= candidates != np.asarray(split.ref_index)[:, None]
   valid &= labels[np.maximum(candidates, 0)] != np.asarray(split.target_label)[:, None]
+  if split.soft_positives is not None:
+    soft = np.asarray(split.soft_positives, np.int64)
+    valid &= ~((candidates[:, :, None] == soft[:, None, :]) & (soft[:, None, :] >= 0)).any(-1)
   rows = np.full((len(candidates), size), -1, np.int64)
   for i, (row, ok) in enumerate(zip(candidates, valid)):
     members = row[ok][:size]
@@ -146,7 +173,8 @@ class TrainPipeline:
   """
 
   def __init__(self, split: RetrievalSplit, vocab: Vocabulary, max_len: int, global_batch: int,
-               mesh, seed: int, image_size: int, log=print, set_negatives: int = 0):
+               mesh, seed: int, image_size: int, log=print, set_negatives: int = 0,
+               preprocess: str = "squash", pad_ratio: float = 1.25):
     self.split = split.validate()
     self.mesh = mesh
     self.global_batch = global_batch
@@ -158,28 +186,56 @@ class TrainPipeline:
     self.target_index = tf.constant(np.asarray(split.target_index, np.int64))
     if (np.asarray(split.ref_index) < 0).any() or (np.asarray(split.target_index) < 0).any():
       raise ValueError(f"{split.name}: training queries need a reference and a target image")
+    self._set_groups(split.query_groups)
     self.set_negatives = None
     if set_negatives:
       self.set_negatives = tf.constant(set_negative_rows(split, set_negatives))
-    self.targets = _ImageSource(split.images, split.image_paths, image_size)
+    self.targets = _ImageSource(split.images, split.image_paths, image_size, preprocess,
+                                pad_ratio)
     self.refs = (self.targets if split.query_images is None
                  else _ImageSource(split.query_images, None, image_size))
 
+  def _set_groups(self, groups):
+    """Member table of `split.query_groups` (None: every query is its own example)."""
+    if groups is None:
+      self.num_examples, self.group_members = self.split.num_queries, None
+      return
+    groups = np.asarray(groups, np.int64)
+    _, inverse, sizes = np.unique(groups, return_inverse=True, return_counts=True)
+    order = np.argsort(inverse, kind="stable")      # queries grouped, in query order
+    self.num_examples = len(sizes)
+    self.group_members = tf.constant(order.astype(np.int64))
+    self.group_start = tf.constant(np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64))
+    self.group_size = tf.constant(sizes.astype(np.int64))
+
+  def steps_per_epoch(self) -> int:
+    return self.num_examples // self.global_batch
+
   def step_indices(self, step):
     """Query indices of global batch `step` (all processes), int64 [B]."""
-    n, b = self.split.num_queries, self.global_batch
-    positions = tf.cast(step, tf.int64) * b + tf.range(b, dtype=tf.int64)
-    epochs, offsets = positions // n, positions % n
-    first = epochs[0]
-    perms = tf.stack([epoch_permutation(self.seed, first, n),
-                      epoch_permutation(self.seed, first + 1, n)])
-    # A batch spans at most two epochs as long as B <= n.
-    return tf.cast(tf.gather_nd(perms, tf.stack([epochs - first, offsets], axis=1)), tf.int64)
+    n, b = self.num_examples, self.global_batch
+    if b > n:
+      raise ValueError(f"batch_size={b} exceeds the {n} training examples of "
+                       f"{self.split.name}")
+    per_epoch = n // b
+    step = tf.cast(step, tf.int64)
+    epoch, offset = step // per_epoch, (step % per_epoch) * b
+    examples = tf.gather(epoch_permutation(self.seed, epoch, n),
+                         offset + tf.range(b, dtype=tf.int64))
+    if self.group_members is None:
+      return tf.cast(examples, tf.int64)
+    key = tf.random.experimental.stateless_fold_in(
+        tf.stack([tf.cast(self.seed, tf.int64), epoch]), 1)
+    u = tf.random.stateless_uniform([n], seed=key, dtype=tf.float64)
+    size = tf.gather(self.group_size, examples)
+    pick = tf.minimum(tf.cast(tf.gather(u, examples) * tf.cast(size, tf.float64), tf.int64),
+                      size - 1)
+    return tf.gather(self.group_members, tf.gather(self.group_start, examples) + pick)
 
   def dataset(self, start_step: int) -> tf.data.Dataset:
-    if self.global_batch > self.split.num_queries:
-      raise ValueError(f"batch_size={self.global_batch} exceeds the {self.split.num_queries} "
-                       f"training queries of {self.split.name}")
+    if self.global_batch > self.num_examples:
+      raise ValueError(f"batch_size={self.global_batch} exceeds the {self.num_examples} "
+                       f"training examples of {self.split.name}")
 
     def load(step):
       q = _process_slice(self.step_indices(step), self.local_batch)
@@ -241,7 +297,8 @@ class EvalPipeline:
   """Query and gallery batches of one split for evaluation, padded to whole global batches."""
 
   def __init__(self, split: RetrievalSplit, vocab: Vocabulary, max_len: int, global_batch: int,
-               mesh, image_size: int, max_queries: int = 0, log=print):
+               mesh, image_size: int, max_queries: int = 0, log=print,
+               preprocess: str = "squash", pad_ratio: float = 1.25):
     self.split = split.validate()
     self.mesh = mesh
     self.global_batch = global_batch
@@ -249,7 +306,8 @@ class EvalPipeline:
     self.num_queries = (min(max_queries, split.num_queries) if max_queries
                         else split.num_queries)
     self.text_ids, self.text_mask = encode_texts(split, vocab, max_len, log)
-    self.gallery_source = _ImageSource(split.images, split.image_paths, image_size)
+    self.gallery_source = _ImageSource(split.images, split.image_paths, image_size,
+                                       preprocess, pad_ratio)
     self.query_source = (self.gallery_source if split.query_images is None
                          else _ImageSource(split.query_images, None, image_size))
 
