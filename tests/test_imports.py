@@ -32,7 +32,9 @@ def import_graph() -> dict[str, set[str]]:
       if isinstance(node, ast.Import):
         edges |= {a.name for a in node.names}
       elif isinstance(node, ast.ImportFrom) and node.module:
-        edges |= {f"{node.module}.{a.name}" for a in node.names} | {node.module}
+        # `from pkg import sub` imports the submodule pkg.sub; `from mod import name`, mod.
+        edges |= {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules
+                  else node.module for a in node.names}
     graph[name] = {e for e in edges if e in modules and e != name}
   return graph
 
