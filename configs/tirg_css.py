@@ -15,6 +15,7 @@ def get_config(arg=None):
   c = common.base_config()
   c.data.name = "css"
   c.data.image_size = arg.res
+  c.data.placement = "auto"            # the uint8 renders (~0.3 GB at 64 px) live on device
   c.model.composer = "tirg_lastconv"   # CSS edits are spatial: modify the last conv map
   c.model.image_encoder = "resnet18"
   c.loss.name = "soft_triplet"

@@ -1,8 +1,8 @@
 """tf.data input pipelines that feed global, sharded jax.Arrays.
 
-Training order is a pure function of (seed, step): the example stream is the
-concatenation of per-epoch permutations, and step s takes positions
-[s*B, (s+1)*B) of it. Every process computes the same global batch indices and
+Training order is a pure function of (seed, step) (cir_jax/data/order.py): the
+example stream is the concatenation of per-epoch permutations, and step s takes
+positions [s*B, (s+1)*B) of it. Every process computes the same global batch indices and
 keeps its own contiguous slice, so
 
 * resuming at step s reproduces the uninterrupted run exactly (no iterator state);
@@ -20,23 +20,13 @@ import numpy as np
 import tensorflow as tf
 
 from cir_jax import sharding
+from cir_jax.data import order
+from cir_jax.data.batching import encode_texts, padded_batches as _padded_batches  # noqa: F401
+from cir_jax.data.batching import process_slice as _process_slice, set_negative_rows  # noqa: F401
 from cir_jax.data.tables import RetrievalSplit
 from cir_jax.data.vocab import Vocabulary
 
 AUTOTUNE = tf.data.AUTOTUNE
-
-
-def encode_texts(split: RetrievalSplit, vocab: Vocabulary, max_len: int, log=print):
-  """Tokenises every query text of `split`: -> ids int32 [Q, L], mask bool [Q, L]."""
-  ids, mask, truncated = vocab.encode(split.texts, max_len)
-  empty = np.flatnonzero(mask.sum(1) == 0)
-  if empty.size:
-    raise ValueError(f"{split.name}: query {empty[0]} text {split.texts[empty[0]]!r} has no "
-                     f"words after tokenisation ({empty.size} such queries)")
-  if truncated:
-    log(f"{split.name}: {truncated} of {split.num_queries} texts longer than max_text_len="
-        f"{max_len} words were truncated")
-  return ids, mask
 
 
 class _ImageSource:
@@ -105,36 +95,6 @@ def _options():
   return options
 
 
-def _process_slice(global_indices, local_batch):
-  start = jax.process_index() * local_batch
-  return global_indices[start:start + local_batch]
-
-
-def epoch_permutation(seed: int, epoch, size: int):
-  """Deterministic permutation of range(size) for `epoch` (tf; same on every process)."""
-  noise = tf.random.stateless_uniform([size], seed=tf.stack([tf.cast(seed, tf.int64),
-                                                             tf.cast(epoch, tf.int64)]))
-  return tf.argsort(noise, stable=True)
-
-
-def set_negative_rows(split: RetrievalSplit, size: int) -> np.ndarray:
-  """int64 [Q, size]: each query's image-set members that are neither its reference nor
-  in its target set, -1 padded (the extra negatives of CIRPLANT's training, CIRR)."""
-  if split.candidates is None:
-    raise ValueError(f"{split.name} has no image sets (RetrievalSplit.candidates), so "
-                     f"loss.set_negatives={size} cannot be used; set it to 0")
-  candidates = np.asarray(split.candidates, np.int64)
-  labels = np.asarray(split.image_labels)
-  valid = candidates >= 0
-  valid &= candidates != np.asarray(split.ref_index)[:, None]
-  valid &= labels[np.maximum(candidates, 0)] != np.asarray(split.target_label)[:, None]
-  rows = np.full((len(candidates), size), -1, np.int64)
-  for i, (row, ok) in enumerate(zip(candidates, valid)):
-    members = row[ok][:size]
-    rows[i, :len(members)] = members
-  return rows
-
-
 class TrainPipeline:
   """Yields training batches: dict of global arrays 'ref_image', 'target_image',
   'text_ids', 'text_mask' (leading dim = global batch, sharded over 'data').
@@ -166,15 +126,15 @@ class TrainPipeline:
                  else _ImageSource(split.query_images, None, image_size))
 
   def step_indices(self, step):
-    """Query indices of global batch `step` (all processes), int64 [B]."""
+    """Query indices of global batch `step` (all processes), int64 [B].
+
+    cir_jax/data/order.py defines the order (NumPy here, JAX for device-resident data).
+    """
     n, b = self.split.num_queries, self.global_batch
-    positions = tf.cast(step, tf.int64) * b + tf.range(b, dtype=tf.int64)
-    epochs, offsets = positions // n, positions % n
-    first = epochs[0]
-    perms = tf.stack([epoch_permutation(self.seed, first, n),
-                      epoch_permutation(self.seed, first + 1, n)])
-    # A batch spans at most two epochs as long as B <= n.
-    return tf.cast(tf.gather_nd(perms, tf.stack([epochs - first, offsets], axis=1)), tf.int64)
+    indices = tf.numpy_function(
+        lambda s: order.step_indices_np(self.seed, int(s), n, b), [step], tf.int64,
+        stateful=False)
+    return tf.ensure_shape(indices, [b])
 
   def dataset(self, start_step: int) -> tf.data.Dataset:
     if self.global_batch > self.split.num_queries:
@@ -225,16 +185,6 @@ class TrainPipeline:
       rows = self.set_negatives.numpy()[q].ravel()
       index = np.concatenate([index, rows[rows >= 0]])
     return self.targets.decode_error(index, error, f"{self.split.name}, training step {step}")
-
-
-def _padded_batches(num_items: int, global_batch: int, local_batch: int):
-  """This process's item indices per eval step, padded (with item 0) so that every
-  process runs the same steps; rows past `num_items` are padding the evaluator masks."""
-  steps = max(1, -(-num_items // global_batch))
-  padded = np.arange(steps * global_batch)
-  padded = np.where(padded < num_items, padded, 0)
-  for s in range(steps):
-    yield _process_slice(padded[s * global_batch:(s + 1) * global_batch], local_batch)
 
 
 class EvalPipeline:
