@@ -58,7 +58,8 @@ class Evaluator:
       from cir_jax.data import pipeline  # pylint: disable=g-import-not-at-top  (TensorFlow)
       self.data = pipeline.EvalPipeline(self.split, vocab, config.data.max_text_len,
                                         config.eval.batch_size, mesh, config.data.image_size,
-                                        max_queries=config.data.eval_max_queries, log=log)
+                                        max_queries=config.data.eval_max_queries, log=log,
+                                        **pipeline.preprocess_kwargs(config.data))
     out = sharding.batch_sharding(mesh)
     self._encode_target = jax.jit(
         lambda v, images: model.apply(v, images, train=False, method=model.encode_target),

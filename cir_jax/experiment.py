@@ -142,7 +142,7 @@ def check_config(config):
 def build(config, mesh, vocab, log=None) -> Experiment:
   """Model, optimiser and a freshly initialised train state (replicated over `mesh`)."""
   check_config(config)
-  model = build_lib.build_model(config.model, len(vocab))
+  model = build_lib.build_model(config.model, len(vocab), config.data.image_size)
   example = example_batch(config)
   # The optimizer's parameter groups (freezing, lr multipliers) need the params' paths.
   shapes = params_shapes(model, example)
@@ -194,7 +194,8 @@ def setup_training(config, workdir, log) -> tuple[Experiment, Any]:
     from cir_jax.data import pipeline  # pylint: disable=g-import-not-at-top  (TensorFlow)
     pipes = [pipeline.TrainPipeline(train_split, vocab, config.data.max_text_len,
                                     config.batch_size, mesh, seed, config.data.image_size,
-                                    log=log, set_negatives=set_negatives)
+                                    log=log, set_negatives=set_negatives,
+                                    **pipeline.preprocess_kwargs(config.data))
              for seed in seeds_lib.seed_list(config)]
     train_data = pipes[0] if len(pipes) == 1 else seeds_lib.StackedPipelines(pipes, mesh)
   return experiment, train_data

@@ -94,12 +94,15 @@ def soft_triplet_loss(query: jax.Array,
     kernel: 'neg_sq_l2' (google/tirg's choice) or 'dot'.
     weights: optional [b] non-negative per-query weights (e.g. 0 for padded
       queries); the result is the weighted mean over anchors.
-    set_negatives: optional [b, S, d] extra negatives of each query alone (CIRR:
-      the members of the query's image set, CIRPLANT section 4), each one more
-      triplet for its anchor: anchor i averages over its n - 1 + S_i negatives,
-      S_i = the number of valid members.
-    set_negative_mask: [b, S] bool, which `set_negatives` are real (padding and
-      any member that is the query's target are False).
+    set_negatives: optional [b, S, d] extra negatives of each query alone, our
+      extension (config loss.set_negatives; neither CIRPLANT's paper nor its code
+      uses them: there the CIRR image-set members are only positives): members
+      of the query's CIRR image set that are not its reference, its target or
+      graded a partial match (target_soft > 0; cir_jax.data.pipeline
+      .set_negative_rows picks them). Each is one more triplet for its anchor:
+      anchor i averages over its n - 1 + S_i negatives, S_i = its valid members.
+    set_negative_mask: [b, S] bool, which `set_negatives` are real (padding is
+      False).
 
   Returns:
     Scalar float32 loss.

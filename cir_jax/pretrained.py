@@ -45,6 +45,7 @@ import safetensors.numpy
 
 from cir_jax.models import bert
 from cir_jax.models import clip
+from cir_jax.models import clip_resnet
 from cir_jax.models import hf_resnet
 
 WEIGHTS_NAME = "model.safetensors"
@@ -290,6 +291,17 @@ def _family(name: str) -> Family:
   if name not in FAMILIES:
     raise ValueError(f"unknown checkpoint family {name!r}; valid: {sorted(FAMILIES)}")
   return FAMILIES[name]
+
+
+# CLIP's modified-ResNet image tower (RN50, RN50x4, ...) from an open_clip state dict
+# (`visual.layer1.0.conv1.weight`, `visual.attnpool.q_proj.weight`, ...); a directory
+# with config.json {'model_type': 'open_clip_resnet', **open_clip model_cfg} and
+# model.safetensors, see clip_resnet.prepare_open_clip_directory. The text tower's keys
+# (open_clip's `transformer.resblocks.*`) are skipped here.
+FAMILIES["clip_resnet"] = Family(
+    clip_resnet.ModifiedResNet, (clip_resnet.MODEL_TYPE,), clip_resnet.module_kwargs,
+    clip_resnet.rename_open_clip,
+    lambda m: (jnp.zeros((1, m.image_size, m.image_size, 3), jnp.float32),))
 
 
 # ------------------------------------------------------------------ conversion

@@ -8,7 +8,6 @@ through an explicit all-gather, in-batch Recall@K on device, host syncs only on
 logging steps, Orbax checkpoints with automatic resume, TensorBoard summaries,
 periodic gallery evaluation and a results JSON in the workdir.
 """
-import pathlib
 import time
 from typing import Any
 

@@ -1,23 +1,33 @@
-"""CLIP4Cir's Combiner (the "Baseline" of the SSN paper) on CIRR.
+"""CLIP4Cir's Combiner on CIRR: stage 2 of CLIP4Cir (Baldrati et al., CVPR-W 2022).
 
-Stage 2 of CLIP4Cir: the CLIP towers are fixed feature extractors (initialise
-them from the stage-1 fine-tuned CLIP, or from the original CLIP for the
-SSN-paper Baseline), the Combiner is trained with Adam (AdamW without decay)
-lr 2e-5, batch 4096, 300 epochs, cross-entropy with logit scale 100
-(CLIP4Cir's README command; its widths: projection 4x, hidden 8x the CLIP width).
-ViT-B/32, the SSN paper's backbone:
-  python -m cir_jax.train --config configs/combiner_cirr.py:init_from=/ckpt/clip-vit-base-patch32 \
-      --config.data.manual_dir=/path/to/cirr --workdir runs/combiner_cirr
+Stage 2: the CLIP towers are fixed feature extractors, initialised from the
+stage-1 fine-tuned CLIP (configs/combiner_stage1_cirr.py; `init_from=<its
+workdir>` copies its CLIP towers); the Combiner is trained with Adam (AdamW
+without decay) lr 2e-5, batch 4096, 300 epochs, cross-entropy with logit scale
+100, TargetPad 1.25 preprocessing (CLIP4Cir's README command; its widths:
+projection 4x, hidden 8x the CLIP width).
+`init_from` the original CLIP checkpoint instead skips stage 1: a Combiner on
+frozen, NOT fine-tuned CLIP, an ablation of ours. It is not SSN's "Baseline"
+(SSN's baseline fine-tunes CLIP) nor CLIP4Cir's full method.
+ViT-B/32 here (CLIP4Cir's best numbers use RN50x4: model.image_encoder=clip_rn50x4,
+model.text_encoder=clip_text_rn50x4, model.embed_dim=640, data.image_size=288, weights from
+open_clip, see docs/fidelity.md):
+  python -m cir_jax.train --config configs/combiner_cirr.py:init_from=runs/clip4cir_stage1_cirr,tokenizer=/ckpt/clip-vit-base-patch32 \
+      --config.data.manual_dir=/path/to/cirr --workdir runs/clip4cir_stage2_cirr
+(`tokenizer=` names the CLIP directory whose tokenizer files to use; default init_from.)
 Tests use `:tiny` (tiny random towers, 32 px).
 """
 from configs import common
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, init_from="", tiny=False, steps=0)
+  arg = common.parse_arg(arg, init_from="", tokenizer="", tiny=False, steps=0)
   c = common.base_config()
-  common.cirr_pretrained_data(c, arg.init_from, max_text_len=77)
+  # The tokenizer files are in the CLIP checkpoint directory (default: init_from).
+  common.cirr_pretrained_data(c, arg.tokenizer or arg.init_from, max_text_len=77)
   c.init_from = arg.init_from
+  c.data.preprocess = "targetpad"   # CLIP4Cir's --transform targetpad --target-ratio 1.25
+  c.data.target_pad_ratio = 1.25
   c.model.image_encoder = "clip_vit_b32"
   c.model.text_encoder = "clip_text"
   c.model.composer = "combiner"

@@ -1,15 +1,17 @@
-"""CLIP4Cir's Combiner on FashionIQ (stage 2, CLIP fixed); settings as configs/combiner_cirr.py.
+"""CLIP4Cir's Combiner on FashionIQ: stage 2 (CLIP fixed, from the stage-1 workdir of
+configs/combiner_stage1_fashioniq.py); settings as configs/combiner_cirr.py.
 
-  python -m cir_jax.train --config configs/combiner_fashioniq.py:init_from=/ckpt/clip-vit-base-patch32 \
-      --config.data.manual_dir=/path/to/fashion-iq --workdir runs/combiner_fashioniq
+  python -m cir_jax.train --config configs/combiner_fashioniq.py:init_from=runs/clip4cir_stage1_fashioniq,tokenizer=/ckpt/clip-vit-base-patch32 \
+      --config.data.manual_dir=/path/to/fashion-iq --workdir runs/clip4cir_stage2_fashioniq
 """
 from configs import combiner_cirr
 from configs import common
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, init_from="", tiny=False, steps=0)
-  c = combiner_cirr.get_config(f"init_from={arg.init_from}" if arg.init_from else None)
+  arg = common.parse_arg(arg, init_from="", tokenizer="", tiny=False, steps=0)
+  c = combiner_cirr.get_config(",".join(f"{k}={v}" for k, v in (
+      ("init_from", arg.init_from), ("tokenizer", arg.tokenizer)) if v) or None)
   c.data.name = "fashioniq"
   c.data.category = "dress"
   c.data.train_categories = ("dress", "shirt", "toptee")

@@ -65,6 +65,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.data_dir = "data_cache"   # TFDS data_dir: generated CSS, prepared manual-dataset tables
   c.data.manual_dir = ""           # real datasets: the user's download
   c.data.image_size = 64
+  # Files -> S x S pixels (cir_jax/data/preprocess.py); CSS's in-memory renders are used as
+  # they are. 'resize_center_crop' = google/tirg (Resize(S) + CenterCrop(S)); the CLIP
+  # configs set 'clip' (SSN) or 'targetpad' (CLIP4Cir); 'squash' = aspect ratio ignored.
+  c.data.preprocess = "resize_center_crop"
+  c.data.target_pad_ratio = 1.25   # 'targetpad': CLIP4Cir's TargetPad ratio
   c.data.num_scenes = 1000
   c.data.num_queries = 16000
   c.data.dataset_seed = 0
@@ -118,8 +123,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.margin = 0.2              # batch_hard_triplet: margin on distances of scaled embeddings
   c.loss.temperature = 0.01        # temperature_ce / ssn: tau (0.01 = CLIP's logit scale 100)
   c.loss.kl_weight = 1.0           # ssn: lambda of Eq. 9 (configs/ssn_cirr.py uses 1/batch)
-  c.loss.set_negatives = 0         # soft_triplet: S image-set members per query as extra
-                                   # negatives (CIRR's img_set, CIRPLANT); 0 = off
+  c.loss.set_negatives = 0         # soft_triplet: S CIRR image-set members per query as
+                                   # extra negatives, our extension (not CIRPLANT's); 0 = off
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = "sgd"
@@ -189,4 +194,17 @@ def cirr_pretrained_data(c, tokenizer: str, max_text_len: int):
   c.data.max_text_len = max_text_len
   c.data.tokenizer = tokenizer or "vocab"
   c.eval.ks = (1, 5, 10, 50)
+  return c
+
+
+# The TIRG family's image encoder (google/tirg img_text_composition_models.py + main.py).
+TIRG_TRUNK = r"^(query_)?image_encoder/"   # the ResNet trunk; its fc is our target/query_proj
+
+
+def tirg_resnet18(c, real_images: bool):
+  """ResNet-18 trunk, loadable by init_from; on real-image datasets google/tirg's
+  learning-rate groups (main.py): the trunk at 0.1x, its fc and the rest at 1x."""
+  c.model.image_encoder = "resnet18"
+  c.init_from = ""   # the user's ResNet-18 directory; empty = from scratch (a deviation)
+  c.optimizer.lr_multipliers = ((TIRG_TRUNK, 0.1),) if real_images else ()
   return c

@@ -18,6 +18,7 @@ def get_config(arg=None):
   c = common.base_config()
   common.cirr_pretrained_data(c, arg.init_from, max_text_len=77)
   c.init_from = arg.init_from
+  c.data.preprocess = "clip"   # SSN's CLIPImageProcessor: short side 224 (bicubic), center crop
   c.model.image_encoder = "clip_vit_b32"
   c.model.text_encoder = "clip_text"
   c.model.composer = "ssn"

@@ -33,3 +33,22 @@ def shared_data():
   if not SHARED_DATA.is_dir():
     raise FileNotFoundError(f"expected the shared annotation files at {SHARED_DATA}")
   return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_css_run(tmp_path_factory):
+  """One uninterrupted `python -m cir_jax.train` run on tiny CSS, shared by the session.
+
+  The preemption tests compare interrupted runs with it (same config file, so the
+  subprocesses hit its compilation cache) and the retrieve tool reads its workdir.
+
+  Returns:
+    (env, workdir): `env` from tests.train_subprocess.make_env; 200 steps,
+    a checkpoint every 20 steps, results.json written.
+  """
+  from tests import train_subprocess as ts  # pylint: disable=g-import-not-at-top
+  env = ts.make_env(tmp_path_factory, "tiny_css_run", steps=ts.REFERENCE_STEPS,
+                    checkpoint_every=ts.REFERENCE_CHECKPOINT_EVERY)
+  workdir = env["root"] / "uninterrupted"
+  ts.run(env, workdir)
+  return env, workdir

@@ -1,13 +1,17 @@
 """CIRPLANT: the image token in BERT, the shared FC + L2 target space, the fixed ResNet,
 the HF-tokenizer switch, sharded == single device, the config, and learning."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
+from cir_jax import experiment
 from cir_jax import losses
 from cir_jax import train
+from cir_jax.data import pipeline
 from configs import cirplant_cirr
 from tests import pretrained_fakes as fakes
 
@@ -57,6 +61,84 @@ def test_image_token_query_target_space_and_fixed_resnet():
   for a, b in zip(jax.tree.leaves(updates["batch_stats"]),
                   jax.tree.leaves(variables["batch_stats"])):
     np.testing.assert_array_equal(a, b)
+
+
+def _with_soft_positives(split, seed=0):
+  """`split` with one more member per query graded a partial match (as CIRR's 0.5/0.2)."""
+  rng = np.random.default_rng(seed)
+  soft = np.full(split.candidates.shape, -1, np.int64)
+  for i, row in enumerate(split.candidates):
+    others = [c for c in row if c >= 0 and c != split.target_index[i]]
+    soft[i, :2] = sorted([split.target_index[i], rng.choice(others)])
+  return dataclasses.replace(split, soft_positives=soft).validate()
+
+
+def test_paper_config_never_uses_an_image_set_member_as_a_negative(monkeypatch, tmp_path):
+  """CIRPLANT's paper and code: set members are positives only; negatives come from the batch."""
+  config = cirplant_cirr.get_config("tiny")
+  assert config.loss.set_negatives == 0 and config.loss.name == "soft_triplet"
+  assert "set_negative_images" not in experiment.example_batch(config)
+  split = _with_soft_positives(fakes.cirr_like_split(num_sets=3, queries_per_set=4))
+  fakes.use_split(monkeypatch, config, split)
+  exp, data = experiment.setup_training(config, tmp_path, log=lambda _: None)
+  batch = next(data.dataset(0).as_numpy_iterator())
+  assert sorted(batch) == ["ref_image", "target_image", "text_ids", "text_mask"]
+  # The step's loss is TIRG Eq. 5 over the batch's own targets: the same number
+  # whatever the (absent) set members look like.
+  variables = {"params": exp.state.params, **({"batch_stats": exp.state.batch_stats}
+                                             if getattr(exp.state, "batch_stats", None) else {})}
+  query, target, aux = exp.model.apply(variables, batch)
+  assert "set_negatives" not in aux
+  loss_fn = losses.get_loss_fn(config.loss)
+  expected = losses.soft_triplet_loss(query, target, jnp.arange(len(query)), kernel="neg_sq_l2")
+  np.testing.assert_allclose(loss_fn(query, target, jnp.arange(len(query))), expected, rtol=1e-6)
+
+
+def test_set_negatives_extension_skips_reference_target_and_soft_positives():
+  """Our opt-in extension: members with a soft target > 0 are never negatives."""
+  config = cirplant_cirr.get_config("tiny,set_negatives=4")
+  assert config.loss.set_negatives == 4
+  split = _with_soft_positives(fakes.cirr_like_split(num_sets=3, queries_per_set=4))
+  rows = pipeline.set_negative_rows(split, config.loss.set_negatives)
+  for i, row in enumerate(rows):
+    used = set(row[row >= 0].tolist())
+    positives = set(split.soft_positives[i][split.soft_positives[i] >= 0].tolist())
+    assert split.target_index[i] in positives and len(positives) == 2
+    assert not used & positives and split.ref_index[i] not in used
+    members = set(split.candidates[i][split.candidates[i] >= 0].tolist())
+    assert used == members - positives  # 5 members - 2 soft positives = 3 negatives
+  with pytest.raises(ValueError, match="token_norm='bad'"):
+    bad = cirplant_cirr.get_config("tiny,token_norm=bad")
+    fakes.build.build_model(bad.model, 20).init(
+        {"params": jax.random.key(0), "dropout": jax.random.key(1)}, BATCH)
+
+
+def test_image_token_is_the_fc_output_as_in_the_authors_code():
+  """token_norm='none' (the paper config, the authors' code): the token is FC(pooled);
+  'l2' (the paper's text) is its unit-norm version."""
+  config = cirplant_cirr.get_config("tiny")
+  assert config.model.composer_kwargs.token_norm == "none"
+  variables = None
+  tokens = {}
+  for norm in ("none", "l2"):
+    config.model.composer_kwargs.token_norm = norm
+    model = fakes.build.build_model(config.model, 20)
+    if variables is None:
+      variables = jax.jit(model.init)({"params": jax.random.key(0),
+                                       "dropout": jax.random.key(1)}, BATCH)
+
+    def f(m, images):
+      pixels = ((images.astype(jnp.float32) / 255 - jnp.asarray(m.image_encoder.pixel_mean))
+                / jnp.asarray(m.image_encoder.pixel_std))
+      return m.composer.image_tokens(m.image_encoder(pixels))[:, 0], m.image_encoder(pixels)
+
+    tokens[norm], pooled = model.apply(variables, BATCH["ref_image"], method=f)
+  fc = variables["params"]["composer"]["image_fc"]
+  raw = pooled["pooled"] @ fc["kernel"] + fc["bias"]
+  np.testing.assert_allclose(tokens["none"], raw, atol=1e-5)
+  np.testing.assert_allclose(tokens["l2"], raw / np.linalg.norm(raw, axis=1, keepdims=True),
+                             atol=1e-6)
+  assert not np.allclose(np.linalg.norm(raw, axis=1), 1.0, atol=1e-2)
 
 
 def test_config_with_hf_tokenizer_runs_one_step_and_one_eval(monkeypatch, tmp_path):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from cir_jax.models import conv
-from cir_jax.models import resnet
+from cir_jax.models import hf_resnet
 
 
 @pytest.mark.parametrize("kernel,strides,padding", [
@@ -30,10 +30,11 @@ def test_matmul_lowering_equals_native(kernel, strides, padding):
 
 def test_resnet_params_are_shared_between_lowerings():
   x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
-  native, matmul = resnet.ResNetTiny(conv_impl="xla"), resnet.ResNetTiny(conv_impl="matmul")
+  native = hf_resnet.ResNetBasicTiny(conv_impl="xla")
+  matmul = hf_resnet.ResNetBasicTiny(conv_impl="matmul")
   variables = native.init(jax.random.key(1), x)
   assert jax.tree.structure(variables) == jax.tree.structure(matmul.init(jax.random.key(1), x))
-  np.testing.assert_allclose(matmul.apply(variables, x)["pooled"], native.apply(variables, x)["pooled"],
+  np.testing.assert_allclose(matmul.apply(variables, x)[0], native.apply(variables, x)[0],
                              atol=1e-4)
 
 
@@ -46,3 +47,46 @@ def test_auto_and_unknown_impl():
   assert conv.resolve_conv_impl("matmul", 224 * 224) == "matmul"
   with pytest.raises(ValueError, match="unknown conv_impl 'fft'; valid: \\['auto', 'xla', 'matmul'\\]"):
     conv.resolve_conv_impl("fft")
+
+
+def _conv_ops(config, image_size):
+  """Native convolutions in the traced query + target computation of config's model."""
+  from cir_jax.models import build  # pylint: disable=g-import-not-at-top
+  model = build.build_model(config.model, 20, image_size)
+  b, length = 2, 4
+  batch = {"ref_image": jax.ShapeDtypeStruct((b, image_size, image_size, 3), jnp.uint8),
+           "target_image": jax.ShapeDtypeStruct((b, image_size, image_size, 3), jnp.uint8),
+           "text_ids": jax.ShapeDtypeStruct((b, length), jnp.int32),
+           "text_mask": jax.ShapeDtypeStruct((b, length), jnp.bool_)}
+  variables = jax.eval_shape(model.init, jax.random.key(0), batch)
+  jaxpr = jax.make_jaxpr(model.apply)(variables, batch)
+  return model, _count(jaxpr.jaxpr, "conv_general_dilated")
+
+
+def _count(jaxpr, primitive):
+  """Equations of `primitive` in a jaxpr, sub-jaxprs (pjit, remat, ...) included."""
+  total = 0
+  for eqn in jaxpr.eqns:
+    total += eqn.primitive.name == primitive
+    for sub in jax.core.jaxprs_in_params(eqn.params):
+      total += _count(sub, primitive)
+  return total
+
+
+# resnet_tiny: stem + 2 + (2 + the shortcut of the second block), run on reference and target
+# images; TIRGLastConv: 2 branches x 2.
+CONVS = 2 * 6 + 4
+
+
+@pytest.mark.parametrize("conv_impl,image_size", [("xla", 32), ("matmul", 224), ("auto", 224),
+                                                  ("auto", 32)])
+def test_model_conv_impl_reaches_every_convolution(conv_impl, image_size):
+  from tests import fakes  # pylint: disable=g-import-not-at-top
+  config = fakes.tiny_config("tirg_lastconv")
+  config.model.conv_impl = conv_impl
+  model, native = _conv_ops(config, image_size)
+  expected = conv.resolve_conv_impl(conv_impl, image_size * image_size)
+  assert model.image_encoder.encoder.conv_impl == expected
+  assert model.composer.conv_impl == expected
+  # 'matmul' leaves no native convolution anywhere; 'xla' keeps every one (encoder + composer).
+  assert native == (0 if expected == "matmul" else CONVS), (expected, native)

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from cir_jax import sharding
+from cir_jax.data import order
 from cir_jax.data import pipeline
 from cir_jax.data.tables import RetrievalSplit
 from cir_jax.data.vocab import Vocabulary, split_words
@@ -40,10 +41,14 @@ def _pipe(split, batch=8, devices=1, seed=0):
 def test_training_order_is_a_permutation_per_epoch_and_resumable():
   split = fakes.random_split(num_queries=20)
   pipe = _pipe(split, batch=8)
-  stream = np.concatenate([pipe.step_indices(s).numpy() for s in range(10)])  # 80 = 4 epochs
-  for epoch in range(4):
-    assert sorted(stream[epoch * 20:(epoch + 1) * 20]) == list(range(20))
-  assert not np.array_equal(stream[:20], stream[20:40])  # reshuffled each epoch
+  stream = np.concatenate([pipe.step_indices(s).numpy() for s in range(10)])
+  # drop_last: 2 full batches of 8 per epoch of 20; epoch e = permutation e cut at 16.
+  assert pipe.steps_per_epoch() == 2
+  for epoch in range(5):
+    perm = order.epoch_permutation_np(0, epoch, 20)
+    np.testing.assert_array_equal(stream[epoch * 16:(epoch + 1) * 16], perm[:16])
+  assert not np.array_equal(stream[:16], stream[16:32])  # reshuffled each epoch
+  assert len(set(stream.tolist())) == 20  # dropped ones come back in other epochs
   full = list(pipe.dataset(0).take(6).as_numpy_iterator())
   resumed = list(pipe.dataset(3).take(3).as_numpy_iterator())
   for a, b in zip(full[3:], resumed):

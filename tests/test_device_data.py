@@ -27,10 +27,28 @@ def test_order_numpy_and_jax_agree_and_each_epoch_is_a_permutation():
       for s in (0, 1, 2, 3, 17, 4000):
         np.testing.assert_array_equal(order.step_indices_np(seed, s, n, b),
                                       np.asarray(step_fn(s, np.int32(seed))))
+  # drop_last: 2 full batches of 8 per epoch of 20, each epoch 16 distinct queries.
   stream = np.concatenate([order.step_indices_np(0, s, 20, 8) for s in range(10)])
-  for epoch in range(4):
-    assert sorted(stream[epoch * 20:(epoch + 1) * 20]) == list(range(20))
-  assert not np.array_equal(stream[:20], stream[20:40])
+  for epoch in range(5):
+    chunk = stream[epoch * 16:(epoch + 1) * 16]
+    assert len(set(chunk.tolist())) == 16
+    np.testing.assert_array_equal(chunk, order.epoch_permutation_np(0, epoch, 20)[:16])
+  assert not np.array_equal(stream[:16], stream[16:32])
+  assert len(set(stream.tolist())) == 20  # dropped ones come back in other epochs
+
+
+def test_groups_draw_one_member_per_group_per_epoch():
+  groups = order.Groups(np.repeat(np.arange(30), [1, 2, 3, 4, 5, 6] * 5))  # 105 queries
+  drawn = np.zeros(105, np.int64)
+  for s in range(200 * 3):  # 3 batches of 10 groups per epoch
+    q = order.step_indices_np(1, s, groups.num, 10, groups)
+    owner = np.repeat(np.arange(30), [1, 2, 3, 4, 5, 6] * 5)[q]
+    assert len(set(owner.tolist())) == 10
+    drawn[q] += 1
+  assert (drawn > 0).all()  # every member of every group was drawn
+  six = np.repeat(np.arange(30), [1, 2, 3, 4, 5, 6] * 5) == 5  # first group of size 6
+  share = drawn[six] / drawn[six].sum()
+  np.testing.assert_allclose(share, 1 / 6, atol=0.06)
 
 
 def _device_batches(data, steps):

@@ -3,11 +3,16 @@ import json
 import os
 import shutil
 
+import jax
 import ml_collections
+import numpy as np
 import pytest
 
 from cir_jax import evaluate
+from cir_jax import sharding
 from cir_jax.data import fashioniq
+from cir_jax.data import pipeline
+from cir_jax.data.vocab import Vocabulary
 from tests import placeholder_images
 
 SIZES = {  # (queries, images) per category and split, as published
@@ -87,6 +92,9 @@ def test_random_forms_and_union_of_categories(fiq_dir):
   assert out.texts[:4] == fashioniq.caption_forms(c1, c2)
   assert out.texts[1].startswith(c2.strip(".?, ").capitalize())
   assert len(set(out.ref_index[:4].tolist())) == 1
+  assert out.query_ids[:5] == ["dress/train/0"] * 4 + ["dress/train/1"]
+  assert len(set(out.query_groups[:4].tolist())) == 1 and out.query_groups[4] != out.query_groups[0]
+  assert len(set(out.query_groups.tolist())) == len(queries) == 18000
   val = fashioniq.load_fashioniq_split(cfg, "val", log=lambda _: None, check_images=False)
   assert val.num_queries == 2017  # evaluation always uses the one deterministic text
 
@@ -118,3 +126,36 @@ def test_aggregate_three_categories():
   assert m["avg/include_ref/mean(R@10,R@50)"] == pytest.approx(29)
   assert m["shirt/R@50"] == 50 and out["skipped"] == {"images": 3}
   assert out["num_queries"] == 30
+
+
+def test_training_draws_one_caption_form_per_triplet(fiq_dir):
+  """Batches of 4096 over the real train annotations: never two forms of one triplet;
+  over epochs every form is drawn, each about 1/4 of its triplet's draws."""
+  cfg = data_config(fiq_dir, caption_join="random_forms",
+                    train_categories=fashioniq.CATEGORIES)
+  split = fashioniq.load_fashioniq_split(cfg, "train", log=lambda _: None, check_images=False)
+  mesh = sharding.make_mesh(jax.devices()[:1])
+  vocab = Vocabulary.build(split.texts[:100])
+  data = pipeline.TrainPipeline(split, vocab, 8, 4096, mesh, 0, 32)
+  assert data.num_examples == 18000 and data.steps_per_epoch() == 4
+  groups = split.query_groups
+  drawn = np.zeros(split.num_queries, np.int64)
+  epoch_q = np.zeros(0, np.int64)
+  for step in range(80 * 4):
+    q = data.step_indices(step).numpy()
+    assert len(np.unique(groups[q])) == len(q) == 4096, step
+    if step < 4 * 4:  # within an epoch, too: one query per triplet
+      epoch_q = q if step % 4 == 0 else np.concatenate([epoch_q, q])
+      assert len(np.unique(groups[epoch_q])) == len(epoch_q)
+    drawn[q] += 1
+  assert (drawn > 0).all()  # every form of every triplet was used
+  first = np.r_[True, groups[1:] != groups[:-1]]
+  position = np.arange(len(groups)) - np.maximum.accumulate(np.where(first, np.arange(len(groups)), 0))
+  size = np.bincount(groups)[groups]
+  share = [drawn[(size == 4) & (position == k)].sum() / drawn[size == 4].sum() for k in range(4)]
+  np.testing.assert_allclose(share, 0.25, atol=0.01)
+  # Listing the forms as independent queries (the old behaviour) puts forms of one
+  # triplet in the same batch: hundreds per batch of 4096.
+  split.query_groups = None
+  old = pipeline.TrainPipeline(split, vocab, 8, 4096, mesh, 0, 32).step_indices(0).numpy()
+  assert len(old) - len(np.unique(groups[old])) > 100

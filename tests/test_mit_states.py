@@ -86,7 +86,7 @@ def test_compositional_split_and_classification(root):
   query = np.array([[1, 0, 0], [1, .2, 0], [0, 1, 0], [0, 1, .1], [0, 0, 1], [9, 9, 9]],
                    np.float32)
   images = np.array([[1, .1, 0], [0, .3, 1], [0, .1, 1]], np.float32)
-  pred = cls.classify(query, np.array([0, 0, 1, 1, 2, 3]), images, 3)
+  pred = cls.classify_by_prototype(query, np.array([0, 0, 1, 1, 2, 3]), images, 3)
   np.testing.assert_array_equal(pred, [0, 2, 2])
   assert np.mean(pred == test_ids) == pytest.approx(2 / 3)
   with pytest.raises(ValueError, match="no training images"):
@@ -94,7 +94,7 @@ def test_compositional_split_and_classification(root):
 
 
 def test_classification_through_the_evaluator(root):
-  """Plumbing of evaluate_classification with a fake model whose test images are orthogonal
+  """Plumbing of evaluate_prototype_variant with a fake model whose test images are orthogonal
   to every prototype: all scores tie at 0, argmax picks pair 0 ('green apple', 1 of 3)."""
   from cir_jax import sharding  # pylint: disable=g-import-not-at-top
   from cir_jax.data.vocab import Vocabulary  # pylint: disable=g-import-not-at-top
@@ -104,7 +104,7 @@ def test_classification_through_the_evaluator(root):
   c.data.name, c.data.manual_dir, c.data.image_size = "mit_states", str(root), 8
   c.data.mit_states_split = "compositional"
   c.eval.batch_size = 8
-  out = cls.evaluate_classification(c, placeholder_images.OneHotModel(32),
+  out = cls.evaluate_prototype_variant(c, placeholder_images.OneHotModel(32),
                                     Vocabulary.build(["green", "old", "rotten"]),
                                     sharding.make_mesh(), {}, log=lambda _: None)
   assert out["metrics"]["accuracy"] == pytest.approx(100 / 3)

@@ -6,7 +6,7 @@ import pytest
 
 from cir_jax.models import build
 from cir_jax.models import composers
-from cir_jax.models import resnet
+from cir_jax.models import hf_resnet
 from cir_jax.models import text_lstm
 from tests import fakes
 
@@ -30,11 +30,12 @@ def _batch(seed=0):
 
 
 def test_resnet_shapes():
-  out = resnet.ResNetTiny().init_with_output(jax.random.key(0), jnp.zeros((2, 64, 64, 3)))[0]
+  out = hf_resnet.ResNetBasicTiny().init_with_output(jax.random.key(0),
+                                                     jnp.zeros((2, 64, 64, 3)))[0][1]
   assert out["feature_map"].shape == (2, 8, 8, 16)
   assert out["pooled"].shape == (2, 16)
-  shapes = jax.eval_shape(lambda: resnet.ResNet18().init(jax.random.key(0),
-                                                         jnp.zeros((1, 64, 64, 3))))
+  shapes = jax.eval_shape(lambda: hf_resnet.ResNet18().init(jax.random.key(0),
+                                                            jnp.zeros((1, 64, 64, 3))))
   n = sum(np.prod(x.shape) for x in jax.tree.leaves(shapes["params"]))
   assert 11.1e6 < n < 11.3e6  # ResNet-18 trunk without the classifier: 11.17M
 

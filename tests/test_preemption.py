@@ -28,13 +28,12 @@ from cir_jax.data import registry
 from tests import fakes
 from tests import train_subprocess as ts
 
-STEPS = 200
-CHECKPOINT_EVERY = 20
+STEPS = ts.REFERENCE_STEPS
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-  return ts.make_env(tmp_path_factory, "preemption", STEPS, CHECKPOINT_EVERY)
+def env(tiny_css_run):
+  return tiny_css_run[0]
 
 
 def _wait_for_checkpoint(process, workdir, timeout=600):
@@ -67,11 +66,9 @@ def _metrics(workdir):
 
 
 @pytest.fixture(scope="module")
-def reference(env):
-  """An uninterrupted run (also fills the compilation cache)."""
-  workdir = env["root"] / "uninterrupted"
-  ts.run(env, workdir)
-  return workdir
+def reference(tiny_css_run):
+  """The session's uninterrupted run (it also filled the compilation cache)."""
+  return tiny_css_run[1]
 
 
 @pytest.mark.slow

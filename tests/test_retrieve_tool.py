@@ -13,11 +13,8 @@ TOOL = ts.REPO / "tools" / "retrieve.py"
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-  env = ts.make_env(tmp_path_factory, "retrieve", steps=4, checkpoint_every=4)
-  workdir = env["root"] / "workdir"
-  ts.run(env, workdir)
-  return env, workdir
+def trained(tiny_css_run):
+  return tiny_css_run  # (env, workdir): the session's tiny CSS run
 
 
 def _tool(env, workdir, *args):

@@ -116,3 +116,23 @@ def test_sharded_step_with_set_negatives_equals_single_device():
     np.testing.assert_allclose(b, a, atol=2e-5, rtol=2e-5)
   plain, _ = test_train.run_steps(fakes.tiny_config("concat"), split, devices=1, steps=1)
   assert abs(losses_1[0] - plain[0]) > 1e-4  # the members really entered the loss
+
+
+def test_cirr_soft_positives_from_the_real_val_annotations_are_never_set_negatives(shared_data):
+  """Set members with target_soft > 0 (the target and the partial matches) never become
+  negatives (the authors, too, read target_soft only within the set, minus the reference)."""
+  import json  # pylint: disable=g-import-not-at-top
+  from cir_jax.data import cirr  # pylint: disable=g-import-not-at-top
+  parsed = cirr.parse_split(shared_data / "CIRR", "val")
+  split = parsed.to_split(shared_data / "CIRR", skip_missing=False, check=False)
+  records = json.loads((shared_data / "CIRR" / "captions" / "cap.rc2.val.json").read_text())
+  row = {name: i for i, name in enumerate(split.image_ids)}
+  rows = pipeline.set_negative_rows(split, 4)
+  extra = 0
+  for i, r in enumerate(records):
+    soft = {row[m] for m, v in r["target_soft"].items()
+            if v > 0 and m != r["reference"] and m in r["img_set"]["members"]}
+    assert set(split.soft_positives[i][split.soft_positives[i] >= 0].tolist()) == soft
+    assert not soft & set(rows[i].tolist())
+    extra += bool(soft - {split.target_index[i]})
+  assert extra == 63  # val queries with a partial match besides the target

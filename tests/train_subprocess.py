@@ -13,6 +13,9 @@ from cir_jax.data import css
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY_CSS = dict(image_size=32, num_scenes=20, num_queries=50, seed=0)
+# The session's shared run (conftest.tiny_css_run): long enough to be killed mid-way.
+REFERENCE_STEPS = 200
+REFERENCE_CHECKPOINT_EVERY = 20
 
 CONFIG = """
 from tests import fakes

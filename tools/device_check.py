@@ -41,7 +41,6 @@ from cir_jax.data.vocab import Vocabulary  # pylint: disable=g-import-not-at-top
 from cir_jax.data import random_data  # pylint: disable=g-import-not-at-top
 from configs import combiner_cirr  # pylint: disable=g-import-not-at-top
 from configs import common  # pylint: disable=g-import-not-at-top
-from configs import tirg_css  # pylint: disable=g-import-not-at-top
 from tools import benchmark  # pylint: disable=g-import-not-at-top
 from tools import benchmark_retrieval  # pylint: disable=g-import-not-at-top
 from tools import css_table  # pylint: disable=g-import-not-at-top

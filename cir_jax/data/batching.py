@@ -26,8 +26,10 @@ def process_slice(global_indices, local_batch):
 
 
 def set_negative_rows(split: RetrievalSplit, size: int) -> np.ndarray:
-  """int64 [Q, size]: each query's image-set members that are neither its reference nor
-  in its target set, -1 padded (the extra negatives of CIRPLANT's training, CIRR)."""
+  """int64 [Q, size]: each query's image-set members that are neither its reference, nor
+  in its target set, nor graded a partial match (`split.soft_positives`, CIRR's
+  target_soft > 0), -1 padded: the extra negatives of loss.set_negatives, our extension
+  (CIRPLANT's paper and code use the set members only as positives)."""
   if split.candidates is None:
     raise ValueError(f"{split.name} has no image sets (RetrievalSplit.candidates), so "
                      f"loss.set_negatives={size} cannot be used; set it to 0")
@@ -36,6 +38,9 @@ def set_negative_rows(split: RetrievalSplit, size: int) -> np.ndarray:
   valid = candidates >= 0
   valid &= candidates != np.asarray(split.ref_index)[:, None]
   valid &= labels[np.maximum(candidates, 0)] != np.asarray(split.target_label)[:, None]
+  if split.soft_positives is not None:
+    soft = np.asarray(split.soft_positives, np.int64)
+    valid &= ~((candidates[:, :, None] == soft[:, None, :]) & (soft[:, None, :] >= 0)).any(-1)
   rows = np.full((len(candidates), size), -1, np.int64)
   for i, (row, ok) in enumerate(zip(candidates, valid)):
     members = row[ok][:size]

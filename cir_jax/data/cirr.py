@@ -23,6 +23,10 @@ Protocol (CIRR section 5, and the official evaluation server):
 
 `target_soft` (graded alternative targets) and `img_set` ids are kept in
 `load_annotations` for analysis; the official recall uses `target_hard` only.
+The set members (minus the reference) with `target_soft` > 0 (the target, and in
+val 63 of 4,181 queries another member graded 1.0, 0.5 or 0.2) become
+`RetrievalSplit.soft_positives`,
+which training never uses as negatives (loss.set_negatives, our extension).
 
 TFDS: `parse_split` is the parser; the `cir_cirr` builder (configs 'val',
 'test1', 'train') stores its tables once under data.data_dir and
@@ -124,7 +128,8 @@ def parse_split(manual_dir, split: str) -> manual_tfds.ParsedSplit:
 
   Returns:
     ParsedSplit with one label per image, candidates [Q, 5] (gallery rows of
-    img_set.members minus the reference, ascending), query_ids = pairids and
+    img_set.members minus the reference, ascending), soft_positives [Q, 5] (those
+    of them with target_soft > 0, ascending, -1 padded), query_ids = pairids and
     image paths as the split file gives them (relative to manual_dir).
   """
   if split not in SPLITS:
@@ -146,12 +151,16 @@ def parse_split(manual_dir, split: str) -> manual_tfds.ParsedSplit:
   targets = np.asarray([lookup(a.target_hard, "target_hard", i) if a.target_hard else -1
                         for i, a in enumerate(anns)], np.int64)
   cand = np.full((len(anns), SUBSET_SIZE), -1, np.int64)
+  soft = np.full((len(anns), SUBSET_SIZE), -1, np.int64)
   for i, a in enumerate(anns):
     rows = sorted({lookup(m, "img_set member", i) for m in a.members} - {refs[i]})
     if len(rows) > SUBSET_SIZE:
       raise ValueError(f"{cap_file}: entry {i} img_set has {len(a.members)} members, expected "
                        f"{SUBSET_SIZE + 1} including the reference")
     cand[i, :len(rows)] = rows
+    soft_rows = sorted(r for r, m in ((lookup(m, "img_set member", i), m) for m in a.members)
+                       if r in rows and float(a.target_soft.get(m, -1.0)) > 0)
+    soft[i, :len(soft_rows)] = soft_rows
     if a.target_hard and targets[i] not in rows:
       raise ValueError(f"{cap_file}: entry {i} target_hard {a.target_hard!r} is not among its "
                        f"img_set members (minus the reference)")
@@ -171,7 +180,7 @@ def parse_split(manual_dir, split: str) -> manual_tfds.ParsedSplit:
       name=f"cirr/{split}", image_ids=names, image_paths=[table[n] for n in names],
       image_labels=np.arange(len(names)), ref_index=refs, target_index=targets,
       target_label=targets, texts=texts, protocol=PROTOCOL.format(split=split),
-      candidates=cand, query_ids=[str(a.pairid) for a in anns], notes=notes)
+      candidates=cand, soft_positives=soft, query_ids=[str(a.pairid) for a in anns], notes=notes)
 
 
 @dataclasses.dataclass(eq=False)

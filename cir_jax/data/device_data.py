@@ -14,7 +14,7 @@ split is in memory and fits, else host). No augmentation happens on either path
 for in-memory tables, so the batches are identical (tests/test_device_data.py).
 """
 import os
-from typing import Iterator, Optional
+from typing import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -54,6 +54,12 @@ def resolve_placement(data_config, split: RetrievalSplit, log=print) -> str:
   if placement not in PLACEMENTS:
     raise ValueError(f"data.placement={placement!r}; valid: {list(PLACEMENTS)}")
   if placement == "host":
+    return "host"
+  if split.query_groups is not None:  # one member per group per epoch: the host order only
+    if placement == "device":
+      raise ValueError(f"data.placement='device': {split.name} has query_groups (one caption "
+                       f"form per triplet per epoch), which only the host pipeline draws; use "
+                       f"'host' or 'auto'")
     return "host"
   if split.images is None:
     if placement == "device":

@@ -13,9 +13,13 @@ Protocol (as SSN, which follows CLIP4Cir / Baldrati et al. 2022):
   (src/validate.py) strips '.?, ' from both ends of each caption, capitalises
   the first and writes "<C1> and <c2>": `data.caption_join='and'` (default).
   `'random_forms'` (training only) reproduces CLIP4Cir's randomised training
-  captions (c1 and c2 / c2 and c1 / c1 / c2, each with probability 1/4) by
-  listing all four forms as separate training queries: uniform sampling over
-  the expanded list draws each form with the same probability;
+  captions (utils.generate_randomized_fiq_caption: c1 and c2 / c2 and c1 / c1
+  / c2, each with probability 1/4, drawn anew for each triplet each time it is
+  batched): the forms are listed as queries that share their triplet's
+  `query_ids` ('<category>/<split>/<entry>') and `query_groups`, and training
+  draws ONE form per triplet per epoch (cir_jax.data.pipeline), so an epoch
+  has one query per triplet and no batch holds two forms of one triplet
+  (they would be each other's false negatives);
 * R@10 and R@50 per category, their averages over the three categories and
   the mean of the two averages (`cir_jax.evaluate.FashionIQEvaluator`);
 * CLIP4Cir (hence SSN) does NOT remove the reference image from the ranking;
@@ -37,6 +41,7 @@ import dataclasses
 import pathlib
 
 import numpy as np
+import tensorflow_datasets as tfds
 
 from cir_jax.data import checks
 from cir_jax.data import manual
@@ -147,7 +152,7 @@ def parse_split(manual_dir, categories, split: str, caption_join: str = "and"
   categories = check_categories(categories)
   join = eval_join(split, caption_join)
   root = pathlib.Path(manual_dir)
-  names, row, texts, refs, targets = [], {}, [], [], []
+  names, row, texts, refs, targets, ids = [], {}, [], [], [], []
   for c in categories:
     cat_names, queries = load_annotations(root, c, split)
     for n in cat_names:
@@ -156,6 +161,7 @@ def parse_split(manual_dir, categories, split: str, caption_join: str = "and"
         names.append(n)
     cap_path = root / "captions" / f"cap.{c}.{split}.json"
     for i, (cand, target, c1, c2) in enumerate(queries):
+      triplet = f"{c}/{split}/{i}"
       for what, n in (("candidate", cand), ("target", target)):
         if n and n not in row:
           raise ValueError(f"{cap_path}: entry {i} {what} {n!r} is not in "
@@ -165,6 +171,7 @@ def parse_split(manual_dir, categories, split: str, caption_join: str = "and"
         if not text.strip():
           continue  # an empty form (one caption empty) is not a query
         texts.append(text)
+        ids.append(triplet)
         refs.append(row[cand])
         targets.append(row[target] if target else -1)
   targets = np.asarray(targets, np.int64)
@@ -172,7 +179,7 @@ def parse_split(manual_dir, categories, split: str, caption_join: str = "and"
       name=f"fashioniq/{'+'.join(categories)}/{split}", image_ids=names,
       image_paths=[f"images/{n}" for n in names], image_labels=np.arange(len(names)),
       ref_index=np.asarray(refs, np.int64), target_index=targets, target_label=targets,
-      texts=texts,
+      texts=texts, query_ids=ids,
       protocol=(f"FashionIQ {'+'.join(categories)} {split}: gallery = all images of the "
                 f"category's {split} split; hit = the labelled target; text = "
                 f"'<C1> and <c2>' (CLIP4Cir)"))
@@ -200,6 +207,10 @@ class FashionIQ(manual_tfds.ManualBuilder):
   """TFDS builder `cir_fashioniq`: configs '<categories>.<split>.<join>' (manual_tfds)."""
 
   name = "cir_fashioniq"
+  # 1.1.0: query_id = the query's triplet '<category>/<split>/<entry>' (tables prepared
+  # by 1.0.0 have none and are prepared again under the new version).
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.1.0": "query_id names each query's triplet (caption forms share it)."}
   MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_DOWNLOAD_INSTRUCTIONS
   BUILDER_CONFIGS = [make_config((c,), "val") for c in CATEGORIES]
   DESCRIPTION = ("FashionIQ (Wu et al., CVPR 2021): dress/shirt/toptee image pairs with two "
@@ -254,6 +265,12 @@ def load_fashioniq_split(data_config, split: str, log=print, check_images: bool 
   out = parsed.to_split(root, skip_missing=data_config.skip_missing_images, log=log,
                         instructions=MANUAL_DOWNLOAD_INSTRUCTIONS, check=check_images,
                         resolve=lambda rel: image_path(root, rel, exts))
+  if config.caption_join == "random_forms":
+    # The forms of one triplet share its id: one group, one form drawn per epoch.
+    out.query_groups = np.unique(np.asarray(out.query_ids), return_inverse=True)[1].astype(
+        np.int64).reshape(-1)
   log(f"{parsed.name}: {out.num_queries} queries, {out.num_images} gallery images, "
-      f"caption_join={config.caption_join}")
+      f"caption_join={config.caption_join}"
+      + (f" ({len(set(out.query_ids))} triplets, one form each per epoch)"
+         if out.query_groups is not None else ""))
   return out

@@ -21,7 +21,6 @@ header but corrupt data still fails when tf.data decodes it, with an error
 naming the file, its split and its gallery row (cir_jax/data/pipeline.py).
 """
 import json
-import os
 import pathlib
 from typing import Any, Optional, Sequence
 
@@ -103,6 +102,7 @@ def assemble(name: str, image_ids: Sequence[str], image_paths: Sequence[str],
              image_labels: np.ndarray, ref_row: np.ndarray, target_row: np.ndarray,
              target_label: np.ndarray, texts: Sequence[str], *, skip_missing: bool,
              protocol: str, log=print, candidates: Optional[np.ndarray] = None,
+             soft_positives: Optional[np.ndarray] = None,
              query_ids: Optional[Sequence[str]] = None, instructions: str = "",
              check: bool = True) -> RetrievalSplit:
   """Checks the images and builds the validated RetrievalSplit (see module docstring).
@@ -118,6 +118,8 @@ def assemble(name: str, image_ids: Sequence[str], image_paths: Sequence[str],
     protocol: the scoring rule, kept in the split and the results.
     log: logger.
     candidates: optional int [Q, S] image rows (-1 padded) for Recall_subset.
+    soft_positives: optional int [Q, S'] image rows (-1 padded) of members with a
+      soft target > 0 (CIRR), remapped like `candidates`.
     query_ids: optional Q ids.
     instructions: the dataset's MANUAL_DOWNLOAD_INSTRUCTIONS, appended to errors.
     check: False only for annotation-only parsing (no image files needed).
@@ -149,6 +151,9 @@ def assemble(name: str, image_ids: Sequence[str], image_paths: Sequence[str],
       cand = np.where(candidates[keep] >= 0, new_row[np.maximum(candidates[keep], 0)], -1)
       skipped["candidates"] = int(((candidates[keep] >= 0) & (cand < 0)).sum())
       candidates = compact_rows(cand)
+    if soft_positives is not None:
+      soft = soft_positives[keep]
+      soft_positives = compact_rows(np.where(soft >= 0, new_row[np.maximum(soft, 0)], -1))
     image_ids = [i for i, k in zip(image_ids, ok) if k]
     image_paths = [p for p, k in zip(image_paths, ok) if k]
     image_labels = image_labels[ok]
@@ -156,6 +161,7 @@ def assemble(name: str, image_ids: Sequence[str], image_paths: Sequence[str],
       name=name, images=None, image_paths=list(image_paths), image_labels=image_labels,
       image_ids=list(image_ids), ref_index=ref_row, target_index=target_row,
       target_label=target_label, texts=list(texts), candidates=candidates,
+      soft_positives=soft_positives,
       query_ids=None if query_ids is None else list(query_ids), protocol=protocol,
       skipped=skipped).validate()
 

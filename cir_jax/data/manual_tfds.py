@@ -8,7 +8,7 @@ subclass per dataset, defined in the dataset's module and registered with TFDS
 when that module is imported (`cir_cirr`, `cir_fashioniq`, `cir_fashion200k`,
 `cir_mit_states`), parses that layout with the module's own parser, once, into
 
-  <data_dir>/<builder>/<config>/1.0.0/     e.g. data_cache/cir_cirr/val/1.0.0
+  <data_dir>/<builder>/<config>/1.1.0/     e.g. data_cache/cir_cirr/val/1.1.0
 
 * one TFDS split, named after the dataset split, whose examples are the
   split's QUERIES:
@@ -50,7 +50,8 @@ prepared tables, logged. An edited annotation is thus never silently ignored.
 Configs name the split and every option that changes the parsed tables, e.g.
 `tfds.builder("cir_fashioniq/dress.val.and", data_dir=...)`; the configs in
 BUILDER_CONFIGS are examples, any valid name parses (`config_from_name`).
-Version 1.0.0; `url_infos = None` as cir_jax.data.css explains (TFDS 4.9.10).
+Version 1.1.0 (1.1.0 added CIRR's soft_positives); `url_infos = None` as cir_jax.data.css
+explains (TFDS 4.9.10).
 """
 import abc
 import dataclasses
@@ -66,7 +67,7 @@ import tensorflow_datasets as tfds
 from cir_jax.data import manual
 from cir_jax.data.tables import RetrievalSplit
 
-_VERSION = "1.0.0"
+_VERSION = "1.1.0"
 _CHUNK = 1 << 20  # bytes hashed at a time
 _PARSE_BATCH = 1 << 15  # serialized queries parsed per tf.io.parse_example call
 
@@ -89,6 +90,7 @@ class ParsedSplit:
     texts: Q modification texts.
     protocol: the scoring rule (kept in the RetrievalSplit and the results).
     candidates: optional int64 [Q, S] subset rows (CIRR), -1 padded.
+    soft_positives: optional int64 [Q, S] subset rows with target_soft > 0 (CIRR), -1 padded.
     query_ids: optional Q ids (CIRR pairids).
     notes: log lines about the data, repeated at every load.
   """
@@ -102,6 +104,7 @@ class ParsedSplit:
   texts: list
   protocol: str
   candidates: Optional[np.ndarray] = None
+  soft_positives: Optional[np.ndarray] = None
   query_ids: Optional[list] = None
   notes: list = dataclasses.field(default_factory=list)
 
@@ -126,7 +129,8 @@ class ParsedSplit:
         self.name, self.image_ids, [resolve(p) for p in self.image_paths], self.image_labels,
         self.ref_index, self.target_index, self.target_label, self.texts,
         skip_missing=skip_missing, protocol=self.protocol, log=log, candidates=self.candidates,
-        query_ids=self.query_ids, instructions=instructions, check=check)
+        soft_positives=self.soft_positives, query_ids=self.query_ids,
+        instructions=instructions, check=check)
 
 
 def digest(path: pathlib.Path) -> Optional[str]:
@@ -178,8 +182,9 @@ class ManualBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """
 
   VERSION = tfds.core.Version(_VERSION)
-  RELEASE_NOTES = {_VERSION: "Queries as examples; gallery table in metadata; images stay "
-                            "in manual_dir."}
+  RELEASE_NOTES = {"1.0.0": "Queries as examples; gallery table in metadata; images stay "
+                            "in manual_dir.",
+                   "1.1.0": "CIRR: 'soft_positives', the subset members with target_soft > 0."}
   # Nothing is downloaded by code, so there are no URL checksums (see cir_jax.data.css).
   url_infos = None
   NUM_CANDIDATES = 0
@@ -226,6 +231,8 @@ class ManualBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     if self.NUM_CANDIDATES:
       features["candidates"] = tfds.features.Tensor(shape=(self.NUM_CANDIDATES,),
                                                     dtype=np.int64)
+      features["soft_positives"] = tfds.features.Tensor(shape=(self.NUM_CANDIDATES,),
+                                                        dtype=np.int64)
     return self.dataset_info_from_configs(
         description=(f"{self.DESCRIPTION} One example per query; the gallery table is in "
                      "info.metadata['gallery'], images are read from the manual_dir."),
@@ -265,6 +272,9 @@ class ManualBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       }
       if self.NUM_CANDIDATES:
         example["candidates"] = np.asarray(parsed.candidates[i], np.int64)
+        soft = (np.full(self.NUM_CANDIDATES, -1, np.int64) if parsed.soft_positives is None
+                else parsed.soft_positives[i])
+        example["soft_positives"] = np.asarray(soft, np.int64)
       yield i, example
 
 
@@ -300,6 +310,7 @@ def read_prepared(builder: ManualBuilder) -> ParsedSplit:
       ref_index=q["ref_index"][order], target_index=q["target_index"][order],
       target_label=q["target_label"][order], texts=text("text"), protocol=meta["protocol"],
       candidates=q["candidates"][order] if builder.NUM_CANDIDATES else None,
+      soft_positives=q["soft_positives"][order] if builder.NUM_CANDIDATES else None,
       query_ids=text("query_id") if meta["has_query_ids"] else None,
       notes=list(meta["notes"]))
 

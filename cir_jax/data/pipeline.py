@@ -1,21 +1,28 @@
 """tf.data input pipelines that feed global, sharded jax.Arrays.
 
-Training order is a pure function of (seed, step) (cir_jax/data/order.py): the
-example stream is the concatenation of per-epoch permutations, and step s takes
-positions [s*B, (s+1)*B) of it. Every process computes the same global batch indices and
+Training order is a pure function of (seed, step) (cir_jax/data/order.py, shared
+with device-resident data): epoch e is a permutation of the training examples cut
+into floor(n / B) full batches, the rest dropped (PyTorch's drop_last=True, as
+google/tirg and CLIP4Cir train), so no batch spans two epochs. An example is a
+query, or, when the split has `query_groups` (FashionIQ's caption forms), a
+group: each epoch draws one member of each group, so a batch never holds two
+texts of one triplet (they would be each other's false negatives) and over epochs
+every form is used, as CLIP4Cir's generate_randomized_fiq_caption does per
+triplet and batch. Every process computes the same global batch indices and
 keeps its own contiguous slice, so
 
 * resuming at step s reproduces the uninterrupted run exactly (no iterator state);
 * N processes see exactly the batches one process would (the multi-host test).
 
-Images come either from an in-memory uint8 table (CSS; gathered, no decoding)
-or from files (real datasets; decoded and resized in parallel). Text is
+Images come either from an in-memory uint8 table (CSS; gathered, no decoding,
+already at their size) or from files (real datasets; decoded and brought to
+S x S in parallel by `data.preprocess`: each paper's resize/crop/pad, see
+cir_jax.data.preprocess). Text is
 tokenised once per split, up front, in one vectorised call. Pixels stay uint8
 until they reach the device.
 """
 from typing import Iterator, Optional
 
-import jax
 import numpy as np
 import tensorflow as tf
 
@@ -23,17 +30,30 @@ from cir_jax import sharding
 from cir_jax.data import order
 from cir_jax.data.batching import encode_texts, padded_batches as _padded_batches  # noqa: F401
 from cir_jax.data.batching import process_slice as _process_slice, set_negative_rows  # noqa: F401
+from cir_jax.data import preprocess as preprocess_lib
 from cir_jax.data.tables import RetrievalSplit
 from cir_jax.data.vocab import Vocabulary
 
 AUTOTUNE = tf.data.AUTOTUNE
 
 
+def preprocess_kwargs(data_config) -> dict:
+  """The pipelines' image preprocessing arguments from `config.data` (file-based images only).
+
+  'squash' when the config predates `data.preprocess` (its old behaviour).
+  """
+  return {"preprocess": data_config.get("preprocess", "squash"),
+          "pad_ratio": float(data_config.get("target_pad_ratio", 1.25))}
+
+
 class _ImageSource:
   """Gathers (in-memory) or decodes (files) images by gallery index, inside tf.data."""
 
-  def __init__(self, images: Optional[np.ndarray], paths, image_size: int):
+  def __init__(self, images: Optional[np.ndarray], paths, image_size: int,
+               preprocess: str = "squash", pad_ratio: float = 1.25):
+    preprocess_lib.check(preprocess, pad_ratio)
     self.image_size = image_size
+    self.preprocess, self.pad_ratio = preprocess, pad_ratio
     if images is not None:
       # A variable, not a constant: large tables would overflow the 2 GB graph limit.
       self.table = tf.Variable(images, trainable=False)
@@ -81,8 +101,8 @@ class _ImageSource:
     def decode(i):
       data = tf.io.read_file(self.paths[i])
       image = tf.io.decode_image(data, channels=3, expand_animations=False)
-      image = tf.image.resize(image, [self.image_size, self.image_size], antialias=True)
-      return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+      return preprocess_lib.preprocess_image(image, self.image_size, self.preprocess,
+                                             self.pad_ratio)
 
     return tf.map_fn(decode, index, fn_output_signature=tf.TensorSpec(
         [self.image_size, self.image_size, 3], tf.uint8), parallel_iterations=16)
@@ -106,7 +126,8 @@ class TrainPipeline:
   """
 
   def __init__(self, split: RetrievalSplit, vocab: Vocabulary, max_len: int, global_batch: int,
-               mesh, seed: int, image_size: int, log=print, set_negatives: int = 0):
+               mesh, seed: int, image_size: int, log=print, set_negatives: int = 0,
+               preprocess: str = "squash", pad_ratio: float = 1.25):
     self.split = split.validate()
     self.mesh = mesh
     self.global_batch = global_batch
@@ -118,28 +139,39 @@ class TrainPipeline:
     self.target_index = tf.constant(np.asarray(split.target_index, np.int64))
     if (np.asarray(split.ref_index) < 0).any() or (np.asarray(split.target_index) < 0).any():
       raise ValueError(f"{split.name}: training queries need a reference and a target image")
+    self._set_groups(split.query_groups)
     self.set_negatives = None
     if set_negatives:
       self.set_negatives = tf.constant(set_negative_rows(split, set_negatives))
-    self.targets = _ImageSource(split.images, split.image_paths, image_size)
+    self.targets = _ImageSource(split.images, split.image_paths, image_size, preprocess,
+                                pad_ratio)
     self.refs = (self.targets if split.query_images is None
                  else _ImageSource(split.query_images, None, image_size))
+
+  def _set_groups(self, groups):
+    """An epoch's examples: the queries, or the groups of `split.query_groups`."""
+    self.groups = None if groups is None else order.Groups(groups)
+    self.num_examples = self.split.num_queries if groups is None else self.groups.num
+
+  def steps_per_epoch(self) -> int:
+    return order.steps_per_epoch(self.num_examples, self.global_batch)
 
   def step_indices(self, step):
     """Query indices of global batch `step` (all processes), int64 [B].
 
     cir_jax/data/order.py defines the order (NumPy here, JAX for device-resident data).
     """
-    n, b = self.split.num_queries, self.global_batch
+    n, b = self.num_examples, self.global_batch
+    order.steps_per_epoch(n, b)  # a batch larger than the examples fails here, named
     indices = tf.numpy_function(
-        lambda s: order.step_indices_np(self.seed, int(s), n, b), [step], tf.int64,
-        stateful=False)
+        lambda s: order.step_indices_np(self.seed, int(s), n, b, self.groups), [step],
+        tf.int64, stateful=False)
     return tf.ensure_shape(indices, [b])
 
   def dataset(self, start_step: int) -> tf.data.Dataset:
-    if self.global_batch > self.split.num_queries:
-      raise ValueError(f"batch_size={self.global_batch} exceeds the {self.split.num_queries} "
-                       f"training queries of {self.split.name}")
+    if self.global_batch > self.num_examples:
+      raise ValueError(f"batch_size={self.global_batch} exceeds the {self.num_examples} "
+                       f"training examples of {self.split.name}")
 
     def load(step):
       q = _process_slice(self.step_indices(step), self.local_batch)
@@ -191,7 +223,8 @@ class EvalPipeline:
   """Query and gallery batches of one split for evaluation, padded to whole global batches."""
 
   def __init__(self, split: RetrievalSplit, vocab: Vocabulary, max_len: int, global_batch: int,
-               mesh, image_size: int, max_queries: int = 0, log=print):
+               mesh, image_size: int, max_queries: int = 0, log=print,
+               preprocess: str = "squash", pad_ratio: float = 1.25):
     self.split = split.validate()
     self.mesh = mesh
     self.global_batch = global_batch
@@ -199,7 +232,8 @@ class EvalPipeline:
     self.num_queries = (min(max_queries, split.num_queries) if max_queries
                         else split.num_queries)
     self.text_ids, self.text_mask = encode_texts(split, vocab, max_len, log)
-    self.gallery_source = _ImageSource(split.images, split.image_paths, image_size)
+    self.gallery_source = _ImageSource(split.images, split.image_paths, image_size,
+                                       preprocess, pad_ratio)
     self.query_source = (self.gallery_source if split.query_images is None
                          else _ImageSource(split.query_images, None, image_size))
 

@@ -35,7 +35,14 @@ class RetrievalSplit:
     texts: Q modification texts.
     candidates: optional int64 [Q, S] gallery indices of each query's subset
       (CIRR img_set members minus the reference), -1 padded.
+    soft_positives: optional int64 [Q, S'] gallery indices of the members whose
+      CIRR `target_soft` is > 0 (the target, and the few members the annotators
+      judged a partial match, 0.5 or 0.2), -1 padded. Never negatives in training
+      (cir_jax.data.pipeline.set_negative_rows); the recall uses target_hard only.
     query_ids: optional Q ids (CIRR pairid) for submission files.
+    query_groups: optional int64 [Q]: queries with the same group are alternative
+      texts of one training example (FashionIQ's caption forms of one triplet);
+      training then draws one query per group per epoch (cir_jax.data.pipeline).
     protocol: how this split is scored (gallery, exclusions, hit rule), copied
       into the results JSON; empty = the generic rule.
     skipped: counts of what the loader dropped, e.g. {'images': 12,
@@ -52,7 +59,9 @@ class RetrievalSplit:
   image_paths: Optional[Sequence[str]] = None
   query_images: Optional[np.ndarray] = None
   candidates: Optional[np.ndarray] = None
+  soft_positives: Optional[np.ndarray] = None
   query_ids: Optional[Sequence[str]] = None
+  query_groups: Optional[np.ndarray] = None
   protocol: str = ""
   skipped: dict = dataclasses.field(default_factory=dict)
 
@@ -92,7 +101,14 @@ class RetrievalSplit:
     if empty:
       raise ValueError(f"{self.name}: empty modification text for query {empty[0]} "
                        f"({len(empty)} empty in total)")
+    if self.query_groups is not None and np.asarray(self.query_groups).shape != (q,):
+      raise ValueError(f"{self.name}: query_groups has shape "
+                       f"{np.asarray(self.query_groups).shape}, expected ({q},)")
     if self.candidates is not None:
       if self.candidates.ndim != 2 or len(self.candidates) != q:
         raise ValueError(f"{self.name}: candidates must be [{q}, S], got {self.candidates.shape}")
+    if self.soft_positives is not None:
+      if self.soft_positives.ndim != 2 or len(self.soft_positives) != q:
+        raise ValueError(f"{self.name}: soft_positives must be [{q}, S], got "
+                         f"{self.soft_positives.shape}")
     return self

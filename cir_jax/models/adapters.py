@@ -90,6 +90,31 @@ class HFResNetImageEncoder(nn.Module):
                          self.frozen)
 
 
+class CLIPResNetImageEncoder(nn.Module):
+  """CLIP modified-ResNet tower (RN50, RN50x4) -> dict 'pooled', 'feature_map', 'projected'.
+
+  'projected' [B, d] is the attention-pooled joint-space embedding (what CLIP4Cir
+  uses); 'pooled' [B, C] the mean of 'feature_map' [B, h, w, C], the last stage.
+
+  Attributes:
+    encoder: a `clip_resnet.ModifiedResNet`.
+    frozen: BatchNorm in inference mode and no gradient (fixed features).
+  """
+  encoder: nn.Module
+  frozen: bool = False
+  family = "clip_resnet"
+  pixel_mean = CLIP_MEAN
+  pixel_std = CLIP_STD
+
+  def __call__(self, images, train: bool = False, modulate=None):
+    """images: float [B, S, S, 3], CLIP-normalised -> dict (see above)."""
+    if self.frozen and modulate is not None:
+      raise ValueError("a frozen image encoder cannot be modulated by the text")
+    projected, aux = self.encoder(images, train=train and not self.frozen, modulate=modulate)
+    out = {"pooled": aux["pooled"], "feature_map": aux["feature_map"], "projected": projected}
+    return _maybe_freeze(out, self.frozen)
+
+
 class CLIPTextEncoder(nn.Module):
   """CLIP text tower -> dict 'pooled', 'tokens', 'mask', 'projected'.
 

@@ -345,6 +345,10 @@ CLIPVisionL14 = functools.partial(CLIPVisionEncoder, patch_size=14, hidden_size=
 CLIPTextB = functools.partial(CLIPTextEncoder)  # text tower of B/32 and B/16
 CLIPTextL = functools.partial(CLIPTextEncoder, hidden_size=768, num_heads=12,
                               intermediate_size=3072, projection_dim=768)
+# Text towers of OpenAI's RN50 / RN50x4 CLIPs (open_clip RN50.json, RN50x4.json).
+CLIPTextRN50 = functools.partial(CLIPTextEncoder, projection_dim=1024)
+CLIPTextRN50x4 = functools.partial(CLIPTextEncoder, hidden_size=640, num_heads=10,
+                                   intermediate_size=2560, projection_dim=640)
 # Tiny variants for tests (32 px images, patch 8, width 32, 2 layers).
 CLIPVisionTiny = functools.partial(CLIPVisionEncoder, image_size=32, patch_size=8, hidden_size=32,
                                    num_layers=2, num_heads=4, intermediate_size=37,
@@ -356,4 +360,5 @@ CLIPTextTiny = functools.partial(CLIPTextEncoder, vocab_size=99, max_position_em
 VISION_PRESETS = {"clip_vit_b32": CLIPVisionB32, "clip_vit_b16": CLIPVisionB16,
                   "clip_vit_l14": CLIPVisionL14, "clip_vit_tiny": CLIPVisionTiny}
 TEXT_PRESETS = {"clip_text_b": CLIPTextB, "clip_text_l": CLIPTextL,
+                "clip_text_rn50": CLIPTextRN50, "clip_text_rn50x4": CLIPTextRN50x4,
                 "clip_text_tiny": CLIPTextTiny}

@@ -1,14 +1,24 @@
-"""ResNet (NHWC, Flax Linen) in the layout of transformers' `ResNetModel` checkpoints.
+"""The ResNet of cir_jax (NHWC, Flax Linen), in the layout of transformers' `ResNetModel`.
 
-`microsoft/resnet-50`-style checkpoints (and ResNet-152, and the basic-block
-ResNet-18/34) load one to one through `cir_jax.pretrained`: submodules carry the
+One implementation serves every ResNet: trained from scratch (the TIRG family's
+`resnet18` / `resnet_small` / `resnet_tiny`, CPU demos) or loaded from a local
+checkpoint directory (`config.init_from`, `cir_jax.init_from`). Checkpoints in
+the layout of `microsoft/resnet-18` / `microsoft/resnet-50` (and ResNet-152)
+load one to one through `cir_jax.pretrained`; a torchvision `resnet18` state
+dict is converted to that layout by `tools/convert_torchvision_resnet.py`
+(same architecture: see its docstring). Submodules carry the
 PyTorch attribute names, e.g. `encoder.stages.2.layers.0.shortcut.convolution.weight`
 becomes `encoder/stages_2/layers_0/shortcut/convolution/kernel` (OIHW -> HWIO) and
 `...normalization.running_mean` becomes `batch_stats/.../normalization/mean`.
 
-Differences from torchvision's ResNet that this layout keeps: the stride of a
-bottleneck's first block sits on the 3x3 convolution (`downsample_in_bottleneck`
-False, "ResNet v1.5"), and every convolution has padding kernel // 2.
+The layout equals torchvision's ResNet: the stride of a bottleneck's first
+block sits on the 3x3 convolution (`downsample_in_bottleneck` False, "ResNet
+v1.5", as torchvision), and every convolution has padding kernel // 2.
+
+Two hooks beyond the checkpoint layout: `conv_impl` picks the lowering of every
+convolution (cir_jax/models/conv.py; the model builder resolves 'auto' once with
+the image size), and `modulate(block, num_blocks, x)` is called on the output of
+every residual block, the hook FiLM uses to inject text into each block.
 """
 import functools
 from typing import Any, Callable, Optional, Sequence
@@ -26,17 +36,21 @@ class ConvLayer(nn.Module):
   stride: int = 1
   activation: bool = True
   dtype: Any = jnp.float32
+  conv_impl: str = "auto"
+  zero_scale: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     """[B, H, W, C] -> [B, H / stride, W / stride, features]."""
     pad = self.kernel_size // 2
     x = conv_lib.Conv(self.features, (self.kernel_size, self.kernel_size), (self.stride, self.stride),
-                padding=((pad, pad), (pad, pad)), use_bias=False, dtype=self.dtype,
-                param_dtype=jnp.float32, name="convolution")(x)
+                      padding=((pad, pad), (pad, pad)), use_bias=False, dtype=self.dtype,
+                      param_dtype=jnp.float32, conv_impl=self.conv_impl, name="convolution")(x)
     # torch momentum 0.1 == flax momentum 0.9; eps as torch's BatchNorm2d.
+    scale_init = nn.initializers.zeros if self.zero_scale else nn.initializers.ones
     x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                     dtype=self.dtype, param_dtype=jnp.float32, name="normalization")(x)
+                     dtype=self.dtype, param_dtype=jnp.float32, scale_init=scale_init,
+                     name="normalization")(x)
     return nn.relu(x) if self.activation else x
 
 
@@ -47,21 +61,23 @@ class BottleNeckLayer(nn.Module):
   reduction: int = 4
   downsample_in_bottleneck: bool = False
   dtype: Any = jnp.float32
+  conv_impl: str = "auto"
+  zero_init_residual: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     """[B, H, W, C] -> [B, H / stride, W / stride, features]."""
+    conv = functools.partial(ConvLayer, dtype=self.dtype, conv_impl=self.conv_impl)
     residual = x
     if x.shape[-1] != self.features or self.stride != 1:
       # HF ResNetShortCut: 1x1 projection + BatchNorm, no activation.
-      residual = ConvLayer(self.features, 1, self.stride, activation=False, dtype=self.dtype,
-                           name="shortcut")(x, train)
+      residual = conv(self.features, 1, self.stride, activation=False, name="shortcut")(x, train)
     reduced = self.features // self.reduction
     first_stride = self.stride if self.downsample_in_bottleneck else 1
-    y = ConvLayer(reduced, 1, first_stride, dtype=self.dtype, name="layer_0")(x, train)
-    y = ConvLayer(reduced, 3, self.stride // first_stride, dtype=self.dtype,
-                  name="layer_1")(y, train)
-    y = ConvLayer(self.features, 1, activation=False, dtype=self.dtype, name="layer_2")(y, train)
+    y = conv(reduced, 1, first_stride, name="layer_0")(x, train)
+    y = conv(reduced, 3, self.stride // first_stride, name="layer_1")(y, train)
+    y = conv(self.features, 1, activation=False, zero_scale=self.zero_init_residual,
+             name="layer_2")(y, train)
     return nn.relu(y + residual)
 
 
@@ -70,17 +86,20 @@ class BasicLayer(nn.Module):
   features: int
   stride: int = 1
   dtype: Any = jnp.float32
+  conv_impl: str = "auto"
+  zero_init_residual: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     """[B, H, W, C] -> [B, H / stride, W / stride, features]."""
+    conv = functools.partial(ConvLayer, dtype=self.dtype, conv_impl=self.conv_impl)
     residual = x
     if x.shape[-1] != self.features or self.stride != 1:
       # HF ResNetShortCut: 1x1 projection + BatchNorm, no activation.
-      residual = ConvLayer(self.features, 1, self.stride, activation=False, dtype=self.dtype,
-                           name="shortcut")(x, train)
-    y = ConvLayer(self.features, 3, self.stride, dtype=self.dtype, name="layer_0")(x, train)
-    y = ConvLayer(self.features, 3, activation=False, dtype=self.dtype, name="layer_1")(y, train)
+      residual = conv(self.features, 1, self.stride, activation=False, name="shortcut")(x, train)
+    y = conv(self.features, 3, self.stride, name="layer_0")(x, train)
+    y = conv(self.features, 3, activation=False, zero_scale=self.zero_init_residual,
+             name="layer_1")(y, train)
     return nn.relu(y + residual)
 
 
@@ -94,8 +113,13 @@ class Stage(nn.Module):
   remat: bool = False
 
   @nn.compact
-  def __call__(self, x, train: bool = False):
-    """[B, H, W, C] -> [B, H / stride, W / stride, features]."""
+  def __call__(self, x, train: bool = False, modulate=None, first_block: int = 0,
+               num_blocks: int = 0):
+    """[B, H, W, C] -> [B, H / stride, W / stride, features].
+
+    `modulate(block, num_blocks, x)` (optional) is applied to the output of each
+    block; `block` counts over the whole network from `first_block`.
+    """
     block_cls = BottleNeckLayer if self.bottleneck else BasicLayer
     if self.remat:
       # `train` switches BatchNorm's mode: a static Python bool under remat.
@@ -103,6 +127,8 @@ class Stage(nn.Module):
     for i in range(self.depth):
       x = block_cls(self.features, stride=self.stride if i == 0 else 1, **self.block_kwargs,
                     name=f"layers_{i}")(x, train)
+      if modulate is not None:
+        x = modulate(first_block + i, num_blocks, x)
     return x
 
 
@@ -110,12 +136,13 @@ class Embeddings(nn.Module):
   """7x7/2 conv + BatchNorm + ReLU, then 3x3/2 max-pool (HF ResNetEmbeddings)."""
   embedding_size: int = 64
   dtype: Any = jnp.float32
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, images, train: bool = False):
     """[B, H, W, C] -> [B, H / 4, W / 4, embedding_size]."""
-    x = ConvLayer(self.embedding_size, 7, 2, dtype=self.dtype, name="embedder")(
-        images.astype(self.dtype), train)
+    x = ConvLayer(self.embedding_size, 7, 2, dtype=self.dtype, conv_impl=self.conv_impl,
+                  name="embedder")(images.astype(self.dtype), train)
     # flax pads max_pool with -inf, as torch's MaxPool2d does.
     return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
@@ -132,12 +159,12 @@ class Encoder(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False, modulate=None):
     """[B, H, W, C] -> [B, H / 8, W / 8, hidden_sizes[-1]] (4 stages, standard layout)."""
+    num_blocks, first = sum(self.depths), 0
     for i, (features, depth) in enumerate(zip(self.hidden_sizes, self.depths)):
       stride = 2 if i > 0 or self.downsample_in_first_stage else 1
       x = Stage(features, depth, stride, self.block_kwargs, self.bottleneck, self.remat,
-                name=f"stages_{i}")(x, train)
-      if modulate is not None:
-        x = modulate(i, x)
+                name=f"stages_{i}")(x, train, modulate, first, num_blocks)
+      first += depth
     return x
 
 
@@ -153,6 +180,11 @@ class HFResNet(nn.Module):
     downsample_in_bottleneck: stride on the first 1x1 instead of the 3x3.
     dtype: compute dtype; parameters and batch statistics stay float32.
     remat: rematerialise each residual block in the backward pass.
+    conv_impl: lowering of every convolution, 'auto' | 'xla' | 'matmul'
+      (cir_jax/models/conv.py); 'auto' left here is resolved with the input size.
+    zero_init_residual: initialise the last BatchNorm scale of every block to 0
+      so each block starts as the identity (Goyal et al. 2017; torchvision's
+      `zero_init_residual`). Only matters from scratch: loaded weights replace it.
   """
   depths: Sequence[int] = (3, 4, 6, 3)
   hidden_sizes: Sequence[int] = (256, 512, 1024, 2048)
@@ -162,18 +194,21 @@ class HFResNet(nn.Module):
   downsample_in_bottleneck: bool = False
   dtype: Any = jnp.float32
   remat: bool = False
+  conv_impl: str = "auto"
+  zero_init_residual: bool = False
 
   @nn.compact
   def __call__(self, images, train: bool = False,
-               modulate: Optional[Callable[[int, jnp.ndarray], jnp.ndarray]] = None):
+               modulate: Optional[Callable[[int, int, jnp.ndarray], jnp.ndarray]] = None):
     """Encodes images.
 
     Args:
       images: float [B, H, W, C] (NHWC), ImageNet-normalised.
       train: BatchNorm uses batch statistics and updates `batch_stats` if True
         (apply with mutable=['batch_stats']); otherwise the running averages.
-      modulate: optional `f(stage_index, feature_map) -> feature_map` applied after
-        every stage (the hook FiLM-style composers use to inject text).
+      modulate: optional `f(block, num_blocks, x) -> x` applied to the output
+        [B, h, w, C] of every residual block, `block` in [0, num_blocks) over
+        the whole network (the hook FiLM uses to inject text).
 
     Returns:
       (pooled [B, hidden_sizes[-1]] float32, aux) with aux 'pooled' and
@@ -183,8 +218,11 @@ class HFResNet(nn.Module):
     if self.layer_type not in ("bottleneck", "basic"):
       raise ValueError(f"layer_type must be 'bottleneck' or 'basic', got {self.layer_type!r}")
 
-    x = Embeddings(self.embedding_size, dtype=self.dtype, name="embedder")(images, train)
-    block_kwargs = {"dtype": self.dtype}
+    conv_impl = conv_lib.resolve_conv_impl(self.conv_impl, images.shape[1] * images.shape[2])
+    x = Embeddings(self.embedding_size, dtype=self.dtype, conv_impl=conv_impl,
+                   name="embedder")(images, train)
+    block_kwargs = {"dtype": self.dtype, "conv_impl": conv_impl,
+                    "zero_init_residual": self.zero_init_residual}
     if self.layer_type == "bottleneck":
       block_kwargs["downsample_in_bottleneck"] = self.downsample_in_bottleneck
     x = Encoder(self.depths, self.hidden_sizes, block_kwargs, self.layer_type == "bottleneck",
@@ -202,6 +240,10 @@ ResNet50 = functools.partial(HFResNet, depths=(3, 4, 6, 3))
 ResNet101 = functools.partial(HFResNet, depths=(3, 4, 23, 3))
 ResNet152 = functools.partial(HFResNet, depths=(3, 8, 36, 3))
 ResNetTiny = functools.partial(HFResNet, depths=(1, 2), hidden_sizes=(16, 32), embedding_size=8)
-
-PRESETS = {"hf_resnet18": ResNet18, "hf_resnet34": ResNet34, "hf_resnet50": ResNet50,
-           "hf_resnet101": ResNet101, "hf_resnet152": ResNet152, "hf_resnet_tiny": ResNetTiny}
+# Trained-from-scratch variants for CPU runs (identity-initialised blocks):
+# a narrow ResNet-10 (~1/8 of ResNet-18's FLOPs) and a two-stage toy for tests.
+ResNetSmall = functools.partial(HFResNet, depths=(1, 1, 1, 1), hidden_sizes=(32, 64, 128, 256),
+                                embedding_size=32, layer_type="basic", zero_init_residual=True)
+ResNetBasicTiny = functools.partial(HFResNet, depths=(1, 1), hidden_sizes=(8, 16),
+                                    embedding_size=8, layer_type="basic",
+                                    zero_init_residual=True)

@@ -7,7 +7,7 @@ and returns `(out, aux)`. Its class attribute `output_kind` says what `out` is:
 'embedding' ([B, d], in the target space) or 'feature_map' ([B, h, w, C], which
 the retrieval model pools and projects with the same head as target images).
 A composer may also set `modulates_backbone = True` and provide
-`backbone_modulation(text, train)` returning a `modulate(stage, x)` hook for the
+`backbone_modulation(text, train)` returning a `modulate(block, num_blocks, x)` hook for the
 image encoder (FiLM).
 
 Composers over pretrained towers read the adapters' keys (cir_jax/models/adapters.py:
@@ -49,6 +49,7 @@ COMPOSERS: dict[str, Callable] = {
     "film": film.FiLM,
     # Pretrained-encoder methods: CLIP4Cir's Combiner, SSN and CIRPLANT.
     "combiner": combiner.Combiner,
+    "clip4cir_sum": combiner.ElementwiseSum,   # CLIP4Cir stage 1 (fine-tunes CLIP)
     "ssn": ssn.SSN,
     "cirplant": cirplant.CIRPLANT,
 }

@@ -1,4 +1,9 @@
-"""CLIP4Cir's Combiner (Baldrati et al., CVPR-W 2022; the "Baseline" of the SSN paper).
+"""CLIP4Cir (Baldrati et al., CVPR-W 2022): stage 1's element-wise sum and stage 2's Combiner.
+
+Stage 1 (`ElementwiseSum`, composer 'clip4cir_sum') fine-tunes both CLIP
+encoders with query = normalize(psi_I + psi_T) (CLIP4Cir utils.element_wise_sum);
+stage 2 (`Combiner`, composer 'combiner') trains the Combiner on the frozen
+stage-1 encoders (configs/combiner_stage1_*.py hand over by `init_from`).
 
 Composes the CLIP embeddings of the reference image (psi_I) and the text (psi_T):
 
@@ -51,5 +56,23 @@ class Combiner(nn.Module):
 
   def encode_target(self, image, train: bool = False):
     """Targets are the CLIP image embeddings themselves: dict -> [B, d]."""
+    del train
+    return image["projected"]
+
+
+class ElementwiseSum(nn.Module):
+  """CLIP4Cir stage 1: psi_I + psi_T ([B, d]; the retrieval model normalises it).
+
+  Targets are the CLIP image embeddings (normalised by the retrieval model), as
+  in CLIP4Cir's clip_fine_tune.py. No parameters: only the CLIP towers train.
+  """
+  output_kind = "embedding"
+
+  @nn.compact
+  def __call__(self, image, text, train: bool = False):
+    del train
+    return image["projected"] + text["projected"], {}
+
+  def encode_target(self, image, train: bool = False):
     del train
     return image["projected"]

@@ -3,25 +3,30 @@
 TIRG paper, section 3.1: "FiLM [37] ... the text feature phi_t is used to
 predict modulation features gamma_i, beta_i in R^C, where i indexes the layer
 and C is the number of feature maps. Then it performs a feature-wise affine
-transformation of the image features, phi^i_xt = gamma_i * phi^i_x + beta_i."
-Original method: Perez, Strub, de Vries, Dumoulin and Courville, "FiLM: Visual
-Reasoning with a General Conditioning Layer", AAAI 2018.
+transformation of the image features, phi^i_xt = gamma_i * phi^i_x + beta_i.
+As stated in [37], a FiLM layer only handles a simple operation ... it has to
+be used in every layer of the CNN." Original method: Perez, Strub, de Vries,
+Dumoulin and Courville, "FiLM: Visual Reasoning with a General Conditioning
+Layer", AAAI 2018.
 
-Where the modulation happens: at the end of each ResNet stage named in
-`stages` (the image encoder's `modulate(stage, x)` hook, see
-`cir_jax.models.resnet.ResNet`), so every later layer sees the modulated map.
-Perez et al. put FiLM inside each residual block after its batch norm; the TIRG
-paper modulates "one layer" for its comparison, which is our default
-`stages=(-1,)`: -1 (any negative index) means the end of the LAST stage, i.e.
-the encoder's output feature map, and is applied in `__call__` on
-`image['feature_map']` -- nothing but pooling follows the last stage, so this is
-exactly the hook at the last stage without needing to know how many stages the
-encoder has. Non-negative indices go through the backbone hook.
+Where: by default on the output of EVERY residual block of the ResNet (the
+image encoder's `modulate(block, num_blocks, x)` hook, `cir_jax.models.hf_resnet`),
+each block i with its own generator (gamma_i, beta_i) = fc_i(phi_t), so
+phi^i_xt = gamma_i * phi^i_x + beta_i is what block i + 1 reads. `blocks`
+selects a subset (negative indices count from the end); `blocks=(-1,)` is the
+single-layer variant: the last block's output is the encoder's output map, and
+since only average pooling follows, it is an fc-level affine map.
+
+Difference from Perez et al.: their FiLM'ed residual block modulates inside the
+block, after the second batch norm and before the ReLU and the skip addition;
+we modulate each block's output (the paper's phi^i_x, "the features of layer
+i"), which leaves the ImageNet-shaped block internals and the checkpoint
+layout untouched (docs/fidelity.md).
 
 As in Perez et al. (appendix, "we predict delta-gamma"), the generator outputs
 gamma - 1, so zero generator weights give the identity modulation.
 """
-from typing import Sequence
+from typing import Optional, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -46,53 +51,50 @@ class FiLM(nn.Module):
   """FiLM composer (output_kind 'feature_map').
 
   `backbone_modulation(text)` returns the hook the retrieval model hands to the
-  image encoder; `__call__` applies the last-stage modulation (if -1 is in
-  `stages`) and returns the modulated output feature map, which the retrieval
-  model pools and projects with the head shared with target images.
+  image encoder; `__call__` returns the (already modulated) output feature map,
+  which the retrieval model pools and projects with the head shared with
+  target images.
 
   Attributes:
-    stages: stage indices to modulate; negative = the last stage (default).
+    blocks: residual blocks to modulate, indices over the whole network
+      (negative = from the end); None = every block (the paper's FiLM).
   """
-  stages: Sequence[int] = (-1,)
+  blocks: Optional[Sequence[int]] = None
   output_kind = "feature_map"
   modulates_backbone = True
 
-  def setup(self):
-    if not self.stages:
-      raise ValueError("film needs at least one stage in composer option 'stages'")
-    if sum(s < 0 for s in self.stages) > 1:
-      raise ValueError(f"film stages={tuple(self.stages)}: give the last stage (-1) at most once")
-    # One generator per modulated stage; its width is inferred from the feature map.
-    self.generators = {
-        ("last" if s < 0 else str(s)): FiLMGenerator(name=f"film_{'last' if s < 0 else s}")
-        for s in self.stages}
+  def _selected(self, block: int, num_blocks: int) -> bool:
+    if self.blocks is None:
+      return True
+    return any(b == block or b + num_blocks == block for b in self.blocks)
+
+  @nn.compact
+  def _generate(self, block: int, pooled, num_channels: int):
+    return FiLMGenerator(name=f"film_{block}")(pooled, num_channels)
 
   def backbone_modulation(self, text, train: bool = False):
-    """Returns modulate(stage, x) for the image encoder; x [B, h, w, C] -> same shape."""
+    """Returns modulate(block, num_blocks, x) for the image encoder; x [B, h, w, C] -> same."""
     del train
+    if self.blocks is not None and not self.blocks:
+      raise ValueError("film composer option 'blocks' is empty; give block indices or None "
+                       "(every block)")
     pooled = text["pooled"]
 
-    def modulate(stage, x):
-      generator = self.generators.get(str(stage))
-      if generator is None:
+    def modulate(block, num_blocks, x):
+      if self.is_initializing():
+        bad = [b for b in (self.blocks or ()) if not -num_blocks <= b < num_blocks]
+        if bad:
+          raise ValueError(f"film blocks {bad} do not exist: the image encoder has "
+                           f"{num_blocks} residual blocks (valid indices "
+                           f"{-num_blocks}..{num_blocks - 1})")
+      if not self._selected(block, num_blocks):
         return x
-      gamma, beta = generator(pooled, x.shape[-1])
+      gamma, beta = self._generate(block, pooled, x.shape[-1])
       return film(x, gamma, beta)
 
     return modulate
 
   def __call__(self, image, text, train: bool = False):
-    """Returns (feature map [B, h, w, C], aux) with the last-stage modulation applied."""
-    del train
-    if self.is_initializing():
-      # A stage the encoder does not have would never be modulated: fail loudly.
-      missing = [k for k, g in self.generators.items() if k != "last" and not g.variables]
-      if missing:
-        raise ValueError(f"film stages {missing} were never reached by the image encoder "
-                         f"(stages={tuple(self.stages)}); use indices of its stages or -1")
-    x = image["feature_map"]
-    last = self.generators.get("last")
-    if last is None:  # every modulation already happened inside the backbone
-      return x, {}
-    gamma, beta = last(text["pooled"], x.shape[-1])
-    return film(x, gamma, beta), {"gamma_mean": gamma.mean()}
+    """Returns (feature map [B, h, w, C], aux): the modulation happened in the encoder."""
+    del text, train
+    return image["feature_map"], {}

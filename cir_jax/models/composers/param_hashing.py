@@ -13,7 +13,16 @@ hash in {-1, +1} (the hashing trick of Chen et al. 2015, "HashedNets").
 
 Here p = fc(phi_t) [B, K] (the learnable part), h and xi are fixed tables drawn
 from `hash_seed` (constants of the computation, not parameters), and
-phi_xt = W phi_x with phi_x = image['embedding'] [B, d] and W [B, d, d].
+phi_xt = W phi_x with phi_x = image['pooled'] [B, C] (the ResNet's pooled
+feature, 512 for ResNet-18) and W [B, d, C].
+
+Which fc it replaces: TIRG's image CNN (google/tirg) is ResNet-18 whose last
+layer `fc` (512 -> d, our `target_proj`) maps the pooled feature into the
+shared space. On the query side the hashed W takes that fc's place: the
+reference image's pooled feature goes through W(phi_t) instead of through the
+fc, so the query never passes the target projection; targets still use the fc.
+Differences from DPPnet: it replaces VGG's fc7 and adds a learned bias; our
+replacement layer has no bias (the paper does not mention one).
 """
 import flax.linen as nn
 import jax.numpy as jnp
@@ -34,7 +43,10 @@ def hashed_weights(pool, index, sign):
 
 
 class ParamHashing(nn.Module):
-  """phi_xt = W(phi_t) phi_x with W hashed from a text-predicted pool (output_kind 'embedding').
+  """phi_xt = W(phi_t) phi_x, W hashed from a text-predicted pool, replacing the image fc.
+
+  Reads image['pooled'] [B, C] and text['pooled'] [B, d_t]; returns [B, embed_dim]
+  in the target space (output_kind 'embedding').
 
   Attributes:
     embed_dim: output width d.
@@ -52,11 +64,11 @@ class ParamHashing(nn.Module):
     del train
     if self.pool_size < 1:
       raise ValueError(f"param_hashing needs pool_size >= 1, got {self.pool_size}")
-    x = image["embedding"]
+    x = image["pooled"]   # the fc's input: the hashed layer replaces target_proj
     # Scaled so W phi_x starts with about the variance of phi_x (W has d_in inputs).
     pool = nn.Dense(self.pool_size, name="pool_fc",
                     kernel_init=nn.initializers.variance_scaling(
                         1.0 / x.shape[-1], "fan_in", "normal"))(text["pooled"])
     index, sign = hash_tables(self.embed_dim, x.shape[-1], self.pool_size, self.hash_seed)
-    w = hashed_weights(pool, index, sign)                         # [B, d, d_in]
+    w = hashed_weights(pool, index, sign)                         # [B, d, C]
     return jnp.einsum("bij,bj->bi", w, x), {"pool_rms": jnp.sqrt(jnp.mean(pool**2))}

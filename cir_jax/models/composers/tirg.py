@@ -9,6 +9,8 @@ w_g and w_r are learnable scalars initialised to 1 and 10 as in google/tirg.
 on the last conv feature map with the text broadcast over H x W and 3x3
 convolutions (CSS). `use_gate` / `use_residual` give the ablations of Table 5.
 """
+import functools
+
 import flax.linen as nn
 import jax.numpy as jnp
 
@@ -62,9 +64,15 @@ class TIRGLastConv(nn.Module):
   Each branch: BN([x, t]) -> conv3x3(C + d) -> ReLU -> conv3x3(C), as google/tirg's
   TIRGLastConv. The output is a feature map; the retrieval model pools it and
   applies the image projection shared with the targets.
+
+  Attributes:
+    conv_impl: lowering of the 3x3 convolutions ('xla' | 'matmul'; 'auto' as
+      cir_jax/models/conv.py); the model builder passes model.conv_impl resolved
+      with the image size, the same lowering as the image encoder's.
   """
   use_gate: bool = True
   use_residual: bool = True
+  conv_impl: str = "auto"
   output_kind = "feature_map"
 
   @nn.compact
@@ -78,8 +86,9 @@ class TIRGLastConv(nn.Module):
 
     def branch(name):
       y = nn.BatchNorm(use_running_average=not train, momentum=0.9, name=f"{name}_norm")(xt)
-      y = nn.relu(conv_lib.Conv(xt.shape[-1], (3, 3), name=f"{name}_conv1")(y))
-      return conv_lib.Conv(c, (3, 3), name=f"{name}_conv2")(y)
+      conv = functools.partial(conv_lib.Conv, kernel_size=(3, 3), conv_impl=self.conv_impl)
+      y = nn.relu(conv(xt.shape[-1], name=f"{name}_conv1")(y))
+      return conv(c, name=f"{name}_conv2")(y)
 
     out, aux = 0.0, {}
     if self.use_gate:
