@@ -24,9 +24,9 @@ import numpy as np
 
 from cir_jax import experiment as experiment_lib
 from cir_jax import retrieval
+from cir_jax import seeds as seeds_lib
 from cir_jax import sharding
-from cir_jax.data import fashioniq
-from cir_jax.data import pipeline
+from cir_jax.data import device_data
 from cir_jax.data import registry
 from cir_jax.utils import logging as log_lib
 from cir_jax.utils import workdir as workdir_lib
@@ -48,10 +48,18 @@ class Evaluator:
     self.config, self.mesh, self.log = config, mesh, log
     self.split = (retrieval_split if retrieval_split is not None else
                   registry.load_split(config.data, split or config.data.eval_split, log=log))
-    self.data = pipeline.EvalPipeline(self.split, vocab, config.data.max_text_len,
-                                      config.eval.batch_size, mesh, config.data.image_size,
-                                      max_queries=config.data.eval_max_queries, log=log,
-                                      **pipeline.preprocess_kwargs(config.data))
+    if (self.split.images is not None
+        and config.data.get("placement", "host") in ("auto", "device")):
+      # In-memory table: NumPy slices, the same batches without TensorFlow.
+      self.data = device_data.ArrayEvalPipeline(
+          self.split, vocab, config.data.max_text_len, config.eval.batch_size, mesh,
+          max_queries=config.data.eval_max_queries, log=log)
+    else:
+      from cir_jax.data import pipeline  # pylint: disable=g-import-not-at-top  (TensorFlow)
+      self.data = pipeline.EvalPipeline(self.split, vocab, config.data.max_text_len,
+                                        config.eval.batch_size, mesh, config.data.image_size,
+                                        max_queries=config.data.eval_max_queries, log=log,
+                                        **pipeline.preprocess_kwargs(config.data))
     out = sharding.batch_sharding(mesh)
     self._encode_target = jax.jit(
         lambda v, images: model.apply(v, images, train=False, method=model.encode_target),
@@ -175,8 +183,10 @@ def format_table(results: dict) -> str:
   names.sort(key=lambda n: (families.index(metric_order(n)[0]), metric_order(n)[1]))
   header = "| split | queries | gallery | " + " | ".join(names) + " |"
   rule = "|" + "---|" * (3 + len(names))
+  std = results.get("metrics_std")  # several seeds: mean ± std
   row = (f"| {results['split']} | {results['num_queries']} | {results['num_gallery']} | "
-         + " | ".join(f"{results['metrics'][n]:.2f}" for n in names) + " |")
+         + " | ".join(f"{results['metrics'][n]:.2f}" + (f" ± {std[n]:.2f}" if std else "")
+                      for n in names) + " |")
   return "\n".join([header, rule, row])
 
 
@@ -228,8 +238,9 @@ def aggregate_fashioniq(per_category: dict[str, dict]) -> dict[str, Any]:
 class FashionIQEvaluator:
   """FashionIQ's protocol: one Evaluator per category's val split, then `aggregate_fashioniq`."""
 
-  def __init__(self, config, model, vocab, mesh, log=print,
-               categories=fashioniq.CATEGORIES):
+  def __init__(self, config, model, vocab, mesh, log=print, categories=None):
+    from cir_jax.data import fashioniq  # pylint: disable=g-import-not-at-top  (TensorFlow)
+    categories = fashioniq.CATEGORIES if categories is None else categories
     self.evaluators = {}
     for cat in categories:
       cfg = config.copy_and_resolve_references()
@@ -254,13 +265,24 @@ def make_evaluator(config, model, vocab, mesh, log=print):
   return Evaluator(config, model, vocab, mesh, log=log)
 
 
+def evaluate_state(evaluator, state, config) -> dict[str, Any]:
+  """Evaluates a train state: one results dict, or with config.num_seeds > 1 every
+  replica's, combined by `seeds.aggregate` (metrics = mean, metrics_std, per_seed)."""
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  n = seeds_lib.num_seeds(config)
+  if n == 1:
+    return evaluator.evaluate(variables)
+  per_seed = [evaluator.evaluate(seeds_lib.replica(variables, i)) for i in range(n)]
+  return seeds_lib.aggregate(per_seed, seeds_lib.seed_list(config))
+
+
 def evaluate_workdir(config, workdir) -> dict:
   """Restores the newest checkpoint of `workdir` and evaluates it with its protocol."""
   workdir = workdir_lib.check_workdir(workdir, create=False)
   log = log_lib.Logger(workdir)
   experiment, step = experiment_lib.restore_for_evaluation(config, workdir, log)
   evaluator = make_evaluator(config, experiment.model, experiment.vocab, experiment.mesh, log=log)
-  results = evaluator.evaluate(experiment.variables)
+  results = evaluate_state(evaluator, experiment.state, config)
   results["step"] = step
   log(format_table(results))
   write_results(workdir, results)

@@ -23,9 +23,10 @@ from cir_jax import losses
 from cir_jax import multihost
 from cir_jax import optim
 from cir_jax import param_groups
+from cir_jax import seeds as seeds_lib
 from cir_jax import sharding
 from cir_jax import train_state as train_state_lib
-from cir_jax.data import pipeline
+from cir_jax.data import device_data
 from cir_jax.data import registry
 from cir_jax.data.tokenizer_vocab import TokenizerVocabulary
 from cir_jax.data.vocab import Vocabulary
@@ -151,7 +152,8 @@ def build(config, mesh, vocab, log=None) -> Experiment:
     rules = tuple(tuple(r) for r in config.optimizer.get("lr_multipliers", ()))
     log("parameters: " + param_groups.summary(shapes, freeze, rules, per_param=False)
         .replace("\n", "; "))
-  state = train_state_lib.create_train_state(model, tx, example, config.seed, mesh)
+  state = train_state_lib.create_train_state(model, tx, example, config.seed, mesh,
+                                             num_seeds=seeds_lib.num_seeds(config))
   return Experiment(config, mesh, vocab, model, tx, state)
 
 
@@ -165,24 +167,37 @@ def restore_or_init(experiment: Experiment, manager, log) -> Experiment:
     state, step = checkpoint.restore_from_directory(config.resume, state, log)
     log(f"resumed from {config.resume} at step {step}")
   elif config.init_from or config.get("init_from_image") or config.get("init_from_text"):
+    if seeds_lib.num_seeds(config) > 1:
+      raise ValueError(f"num_seeds={config.num_seeds} with init_from is not supported yet: "
+                       f"pretrained weights load into one replica's state; use num_seeds=1")
     state = init_from_lib.load_into_state(config, experiment.model, state, log)
   else:
     log("training from scratch")
   return dataclasses.replace(experiment, state=state)
 
 
-def setup_training(config, workdir, log) -> tuple[Experiment, pipeline.TrainPipeline]:
-  """Mesh, training split and pipeline, vocabulary, model, optimiser, fresh state."""
+def setup_training(config, workdir, log) -> tuple[Experiment, Any]:
+  """Mesh, training split and its input (a tf.data TrainPipeline, or DeviceTrainData under
+  data.placement 'device'/'auto', see cir_jax/data/device_data.py), vocabulary, model,
+  optimiser, fresh state."""
   check_config(config)  # a bad name fails before loading data or compiling
   mesh = make_mesh(config)
   train_split = registry.load_split(config.data, config.data.train_split, log=log)
   vocab = load_vocabulary(config, workdir, train_split)
   experiment = build(config, mesh, vocab, log)
-  train_data = pipeline.TrainPipeline(train_split, vocab, config.data.max_text_len,
-                                      config.batch_size, mesh, config.seed,
-                                      config.data.image_size, log=log,
-                                      set_negatives=config.loss.get("set_negatives", 0),
-                                      **pipeline.preprocess_kwargs(config.data))
+  set_negatives = config.loss.get("set_negatives", 0)
+  if device_data.resolve_placement(config.data, train_split, log) == "device":
+    train_data = device_data.DeviceTrainData(train_split, vocab, config.data.max_text_len,
+                                             config.batch_size, mesh, config.seed, log=log,
+                                             set_negatives=set_negatives)
+  else:
+    from cir_jax.data import pipeline  # pylint: disable=g-import-not-at-top  (TensorFlow)
+    pipes = [pipeline.TrainPipeline(train_split, vocab, config.data.max_text_len,
+                                    config.batch_size, mesh, seed, config.data.image_size,
+                                    log=log, set_negatives=set_negatives,
+                                    **pipeline.preprocess_kwargs(config.data))
+             for seed in seeds_lib.seed_list(config)]
+    train_data = pipes[0] if len(pipes) == 1 else seeds_lib.StackedPipelines(pipes, mesh)
   return experiment, train_data
 
 

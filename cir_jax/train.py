@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -24,7 +25,9 @@ from cir_jax import losses
 from cir_jax import optim
 from cir_jax import preemption
 from cir_jax import retrieval
+from cir_jax import seeds as seeds_lib
 from cir_jax import sharding
+from cir_jax.data import device_data
 from cir_jax.utils import logging as log_lib
 from cir_jax.utils import workdir as workdir_lib
 
@@ -35,12 +38,24 @@ IN_BATCH_KS = (1, 5, 10)
 FINITE_METRICS = ("loss", "grad_norm", "param_norm")
 
 
-def make_train_step(model, tx, loss_config, mesh):
-  """Returns step(state, batch) -> (state, metrics), jitted with the state donated."""
+def make_train_step(model, tx, loss_config, mesh, data=None, num_seeds: int = 1,
+                    first_seed: int = 0):
+  """Returns step(state, inputs) -> (state, metrics), jitted with the state donated.
+
+  `inputs` is a batch (dict of global arrays, what TrainPipeline yields) or, with
+  `data` a DeviceTrainData, its device-resident `data.tables`: the step then
+  draws batch `state.step` itself (cir_jax/data/device_data.py).
+
+  With num_seeds = S > 1 the state is S stacked replicas (cir_jax/seeds.py) and
+  the step is vmapped over them: host batches are stacked too ([S, B, ...]),
+  device data draw replica i's batch in the order of seed first_seed + i; every
+  metric comes back as [S].
+  """
   loss_fn, loss_spec = losses.get_loss(loss_config)
   replicated = sharding.replicated(mesh)
 
-  def step(state, batch):
+  def one_replica(state, inputs, seed):
+    batch = inputs if data is None else data.batch(inputs, state.step, seed)
     dropout_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
 
     def objective(params):
@@ -72,12 +87,30 @@ def make_train_step(model, tx, loss_config, mesh):
                               opt_state=opt_state)
     return new_state, metrics
 
+  if num_seeds == 1:
+    step = lambda state, inputs: one_replica(state, inputs, None)
+  else:
+    def step(state, inputs):
+      seeds = first_seed + jnp.arange(num_seeds, dtype=jnp.int32)
+      return jax.vmap(one_replica, in_axes=(0, 0 if data is None else None, 0))(
+          state, inputs, seeds)
   return jax.jit(step, donate_argnums=(0,), out_shardings=(replicated, replicated))
+
+
+def _inputs(train_data, start: int):
+  """What each step takes: the next host batch, or the same device-resident tables."""
+  if isinstance(train_data, device_data.DeviceTrainData):
+    def tables():
+      while True:
+        yield train_data.tables
+    return tables()
+  return train_data.batches(start)
 
 
 def check_finite(metrics: dict, step: int, when: str):
   """Raises FloatingPointError naming the step if a FINITE_METRICS scalar is NaN/inf."""
-  bad = {k: float(metrics[k]) for k in FINITE_METRICS if not np.isfinite(float(metrics[k]))}
+  bad = {k: np.asarray(metrics[k]).tolist() for k in FINITE_METRICS
+         if not np.isfinite(np.asarray(metrics[k], np.float64)).all()}  # [S] with several seeds
   if bad:
     raise FloatingPointError(
         f"non-finite {bad} at step {step} ({when}); stopping without saving. Finiteness is "
@@ -106,15 +139,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   manager = checkpoint.make_manager(workdir, config.keep_checkpoints, log)
   experiment = experiment_lib.restore_or_init(experiment, manager, log)
   state = experiment.state
-  start = int(jax.device_get(state.step))
-  train_step = make_train_step(model, experiment.tx, config.loss, mesh)
+  start = seeds_lib.current_step(state)
+  num_seeds = seeds_lib.num_seeds(config)
   evaluator = evaluate_lib.make_evaluator(config, model, experiment.vocab, mesh, log=log)
   writer = log_lib.SummaryWriter(workdir, start_step=start)  # drops rows past `start`
   monitor = divergence.Monitor(config.divergence, log_lib.read_metrics(workdir, start), log)
   schedule = optim.learning_rate_schedule(config.optimizer)
   progress = log_lib.Progress(config.num_train_steps, start, config.batch_size)
   results = {}
-  batches = train_data.batches(start)
+  on_device = isinstance(train_data, device_data.DeviceTrainData)
+  train_step = make_train_step(model, experiment.tx, config.loss, mesh,
+                               data=train_data if on_device else None, num_seeds=num_seeds,
+                               first_seed=config.seed)
+  batches = _inputs(train_data, start)
   stop = preemption.StopRequest(config.preemption_sync_every_steps)
   with stop:
     for step in range(start + 1, config.num_train_steps + 1):
@@ -124,7 +161,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if step == start + 1 or step % config.log_every_steps == 0 or last or stopping:
         metrics = jax.device_get(metrics)
         check_finite(metrics, step, "logging step")
-        monitor.check(step, metrics, "logging step")
+        if num_seeds > 1:  # log the mean (+ each seed's loss), check the worst replica
+          metrics, worst = seeds_lib.host_scalars(metrics)
+          monitor.check(step, worst, "logging step")
+        else:
+          monitor.check(step, metrics, "logging step")
         metrics["learning_rate"] = float(schedule(step - 1))
         metrics.update(progress.update(step))
         writer.scalars(step, metrics)
@@ -132,6 +173,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if step % config.checkpoint_every_steps == 0 or last or stopping:
         scalars = jax.device_get({k: metrics[k] for k in FINITE_METRICS})
         check_finite(scalars, step, "before saving a checkpoint")
+        if num_seeds > 1 and np.ndim(scalars["loss"]):
+          scalars = seeds_lib.host_scalars(scalars)[1]
         monitor.check(step, scalars, "before saving a checkpoint")
         checkpoint.save(manager, step, state, {checkpoint.LOSS_METRIC: monitor.median_loss()})
       if stopping:
@@ -144,7 +187,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         return {"preempted": True, "step": step, "signal": stop.name}
       if step % config.eval_every_steps == 0 or last:
         eval_start = time.perf_counter()
-        results = evaluator.evaluate({"params": state.params, "batch_stats": state.batch_stats})
+        results = evaluate_lib.evaluate_state(evaluator, state, config)
         writer.scalars(step, {**{f"eval/{k}": v for k, v in results["metrics"].items()},
                               "perf/eval_sec": time.perf_counter() - eval_start})
         log(evaluate_lib.format_table(results))
@@ -153,9 +196,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   manager.close()
   batches.close()  # stops the input pipeline's prefetching threads now, not at exit
   if not results:  # nothing left to train: evaluate the restored state
-    results = evaluator.evaluate({"params": state.params, "batch_stats": state.batch_stats})
+    results = evaluate_lib.evaluate_state(evaluator, state, config)
     log(evaluate_lib.format_table(results))
-  results["step"] = int(jax.device_get(state.step))
+  results["step"] = seeds_lib.current_step(state)
   evaluate_lib.write_results(workdir, results)
   writer.close()
   return results

@@ -19,11 +19,13 @@ class TrainState:
 
 
 def create_train_state(model, tx: optax.GradientTransformation, example_batch: dict, seed: int,
-                       mesh) -> TrainState:
+                       mesh, num_seeds: int = 1) -> TrainState:
   """Initialises params, BatchNorm statistics and optimiser state, replicated over `mesh`.
 
   The init is jitted with `out_shardings`, so nothing is materialised unsharded
   on a single device first. `example_batch` only provides shapes and dtypes.
+  With num_seeds = S > 1 every leaf has a leading replica axis [S, ...] and
+  replica i is the state of seed `seed + i` (cir_jax/seeds.py).
   """
 
   def init(rng):
@@ -35,7 +37,12 @@ def create_train_state(model, tx: optax.GradientTransformation, example_batch: d
                       batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
                       rng=jax.random.key_data(state_rng))
 
-  rng = jax.random.key_data(jax.random.key(seed))
-  abstract = jax.eval_shape(lambda r: init(jax.random.wrap_key_data(r)), rng)
+  fn = lambda r: init(jax.random.wrap_key_data(r))
+  if num_seeds == 1:
+    rng = jax.random.key_data(jax.random.key(seed))
+  else:
+    rng = jnp.stack([jax.random.key_data(jax.random.key(seed + i)) for i in range(num_seeds)])
+    fn = jax.vmap(fn)
+  abstract = jax.eval_shape(fn, rng)
   out_shardings = jax.tree.map(lambda _: sharding.replicated(mesh), abstract)
-  return jax.jit(lambda r: init(jax.random.wrap_key_data(r)), out_shardings=out_shardings)(rng)
+  return jax.jit(fn, out_shardings=out_shardings)(rng)

@@ -29,6 +29,10 @@ def base_config() -> ml_collections.ConfigDict:
   """Every field the trainer reads, with neutral defaults; experiments override them."""
   c = ml_collections.ConfigDict()
   c.seed = 0
+  # Several seeds in one program (cir_jax/seeds.py): S > 1 trains S independent replicas
+  # (seeds seed, seed+1, ...: init, dropout, data order) in one vmapped step and reports
+  # mean +- std of every metric. Not combinable with init_from yet.
+  c.num_seeds = 1
   c.batch_size = 32            # global batch, split over all devices of all processes
   c.num_train_steps = 1000
   c.log_every_steps = 50
@@ -71,7 +75,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.dataset_seed = 0
   c.data.query_render = "3d"       # CSS: '3d' (3D->3D) or '2d' (2D->3D)
   c.data.target_render = "3d"
+  c.data.css_source = "tfds"       # CSS: 'tfds' (generated once into data_dir) | 'numpy' (in
+                                   # memory each run, no TensorFlow; tools/device_check.py)
   c.data.max_text_len = 16
+  # Where training batches come from (cir_jax/data/device_data.py): 'host' (tf.data),
+  # 'device' (the split's uint8 images on every device, each batch gathered inside the
+  # jitted step in the same order; in-memory tables only, e.g. CSS) or 'auto' (device
+  # when the split is in memory and its images fit device_memory_fraction of one device).
+  c.data.placement = "host"
+  c.data.device_memory_fraction = 0.25
   c.data.tokenizer = "vocab"       # 'vocab' (word vocabulary, LSTM) | a local HF tokenizer dir
   c.data.train_split = "train"
   c.data.eval_split = "test"

@@ -25,6 +25,7 @@ def get_config(arg=None):
   c = common.base_config()
   c.data.name = "css"
   c.data.image_size = arg.res
+  c.data.placement = "auto"            # the uint8 renders (~0.3 GB at 64 px) live on device
   c.model.composer = "tirg_lastconv"   # CSS edits are spatial: modify the last conv map
   common.tirg_resnet18(c, real_images=False)
   c.loss.name = "soft_triplet"

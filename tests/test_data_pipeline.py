@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from cir_jax import sharding
+from cir_jax.data import order
 from cir_jax.data import pipeline
 from cir_jax.data.tables import RetrievalSplit
 from cir_jax.data.vocab import Vocabulary, split_words
@@ -44,7 +45,7 @@ def test_training_order_is_a_permutation_per_epoch_and_resumable():
   # drop_last: 2 full batches of 8 per epoch of 20; epoch e = permutation e cut at 16.
   assert pipe.steps_per_epoch() == 2
   for epoch in range(5):
-    perm = pipeline.epoch_permutation(0, epoch, 20).numpy()
+    perm = order.epoch_permutation_np(0, epoch, 20)
     np.testing.assert_array_equal(stream[epoch * 16:(epoch + 1) * 16], perm[:16])
   assert not np.array_equal(stream[:16], stream[16:32])  # reshuffled each epoch
   assert len(set(stream.tolist())) == 20  # dropped ones come back in other epochs

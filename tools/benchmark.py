@@ -9,7 +9,9 @@ time (separately), XLA-reported FLOPs per step (all devices: per-device cost x
 devices) and the fraction of the machine's measured peak matmul FLOP/s they reach
 (on CPU the fake devices share the cores, so the machine's peak is the one-device
 peak; on accelerators it is devices x that), the compiled temp memory and the
-process peak RSS.
+process peak RSS. The data are device-resident (cir_jax/data/device_data.py): each
+step draws its batch in the jitted step, so no input pipeline (and no TensorFlow)
+is involved; `bench_config` is what tools/device_check.py reuses.
 Timing only here, never in tests.
 """
 import argparse
@@ -25,8 +27,9 @@ import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
 from cir_jax import experiment  # pylint: disable=g-import-not-at-top
+from cir_jax import seeds  # pylint: disable=g-import-not-at-top
 from cir_jax import train  # pylint: disable=g-import-not-at-top
-from cir_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+from cir_jax.data import device_data  # pylint: disable=g-import-not-at-top
 from cir_jax.data import random_data  # pylint: disable=g-import-not-at-top
 from cir_jax.data.vocab import Vocabulary  # pylint: disable=g-import-not-at-top
 from configs import common  # pylint: disable=g-import-not-at-top
@@ -49,15 +52,73 @@ def max_rss_mb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def device_peak_bytes() -> float:
+  """Peak bytes in use on device 0 so far (accelerators), else NaN (CPU has no stats)."""
+  try:
+    stats = jax.devices()[0].memory_stats() or {}
+  except Exception:  # pylint: disable=broad-except
+    stats = {}
+  return float(stats.get("peak_bytes_in_use", float("nan")))
+
+
+def bench_config(config, mesh, warmup: int = 2, steps: int = 10, vocab=None) -> dict:
+  """Compiles and times the train step of `config` on a random split (device-resident data).
+
+  Returns {'examples/s', 'step ms', 'compile s', 'flops' (XLA cost analysis of the
+  whole step: per-device cost x devices), 'program MB' (XLA's argument + output +
+  temp bytes of one device's program), 'device peak MB', 'max RSS MB'}. `vocab`
+  replaces the word vocabulary of the split's texts (random ids for full-size
+  pretrained text towers). With config.num_seeds = S the step trains S replicas
+  (examples/s counts all of them).
+  """
+  b, size = config.batch_size, config.data.image_size
+  split = random_data.random_split(num_images=2 * b, num_queries=2 * b, image_size=size)
+  vocab = vocab or Vocabulary.build(split.texts)
+  data = device_data.DeviceTrainData(split, vocab, config.data.max_text_len, b, mesh,
+                                     config.seed, log=lambda *_: None,
+                                     set_negatives=config.loss.get("set_negatives", 0))
+  exp = experiment.build(config, mesh, vocab)
+  state = exp.state
+  num_seeds = seeds.num_seeds(config)
+  step = train.make_train_step(exp.model, exp.tx, config.loss, mesh, data=data,
+                               num_seeds=num_seeds, first_seed=config.seed)
+  t = time.perf_counter()
+  compiled = step.lower(state, data.tables).compile()
+  compile_s = time.perf_counter() - t
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = float((cost or {}).get("flops", float("nan")))
+  memory = compiled.memory_analysis()
+  program = sum(getattr(memory, f, 0) or 0 for f in (
+      "argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes"))
+  program -= getattr(memory, "alias_size_in_bytes", 0) or 0
+  for _ in range(warmup):
+    state, metrics = compiled(state, data.tables)
+  jax.block_until_ready(metrics)
+  times = []
+  for _ in range(steps):
+    t = time.perf_counter()
+    state, metrics = compiled(state, data.tables)
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - t)
+  step_s = statistics.median(times)
+  # cost_analysis() describes the partitioned per-device program: the step's total
+  # is mesh.size times it.
+  return {"examples/s": num_seeds * b / step_s, "step ms": 1e3 * step_s, "compile s": compile_s,
+          "flops": flops * mesh.size, "program MB": program / 2**20,
+          "device peak MB": device_peak_bytes() / 2**20, "max RSS MB": max_rss_mb()}
+
+
 def build_train_step(composer="tirg", image_encoder="resnet18", dtype="float32",
                      conv_impl="auto", negatives="global", batch=32, image_size=64,
                      devices=0, text_len=8, loss="soft_triplet", embed_dim=512):
-  """Compiles our train step on random data.
+  """Compiles our train step on random data fed by the tf.data pipeline (host batches).
 
   Returns:
     (compiled step, state, batch iterator, compile seconds, XLA FLOPs of the
     per-device program, compiled temp MB, mesh).
   """
+  from cir_jax.data import pipeline  # pylint: disable=g-import-not-at-top  (TensorFlow)
   config = common.base_config()
   config.model.composer = composer
   config.model.image_encoder = image_encoder
@@ -88,31 +149,26 @@ def build_train_step(composer="tirg", image_encoder="resnet18", dtype="float32",
 
 
 def bench_train_step(args, image_size: int, negatives: str, conv_impl: str, peak: float) -> dict:
-  compiled, state, batches, compile_s, flops, temp_mb, mesh = build_train_step(
-      args.composer, args.image_encoder, args.dtype, conv_impl, negatives, args.batch,
-      image_size, args.devices)
-  for _ in range(args.warmup):
-    state, metrics = compiled(state, next(batches))
-  jax.block_until_ready(metrics)
-  times = []
-  for _ in range(args.steps):
-    b = next(batches)
-    t = time.perf_counter()
-    state, metrics = compiled(state, b)
-    jax.block_until_ready(metrics)
-    times.append(time.perf_counter() - t)
-  step_s = statistics.median(times)
-  # cost_analysis() describes the partitioned per-device program, so the step's
-  # total is mesh.size times it. The peak was measured on one device; fake CPU
-  # devices share the same cores (one device's matmul already uses all of them),
-  # so on CPU that is the machine's peak, while accelerators each add their own.
-  step_flops = flops * mesh.size
+  config = common.base_config()
+  config.model.composer = args.composer
+  config.model.image_encoder = args.image_encoder
+  config.model.dtype = args.dtype
+  config.model.conv_impl = conv_impl
+  config.loss.negatives = negatives
+  config.batch_size = config.eval.batch_size = args.batch
+  config.data.image_size, config.data.max_text_len = image_size, 8
+  mesh = experiment.make_mesh(config, jax.devices()[:args.devices] if args.devices else None)
+  r = bench_config(config, mesh, args.warmup, args.steps)
+  # The peak was measured on one device; fake CPU devices share the same cores (one
+  # device's matmul already uses all of them), so on CPU that is the machine's
+  # peak, while accelerators each add their own.
   machine_peak = peak if jax.default_backend() == "cpu" else peak * mesh.size
   return {"setting": f"{args.composer}/{args.image_encoder} {image_size}px b{args.batch} "
                      f"{args.dtype} {negatives} conv={conv_impl} x{mesh.size}dev",
-          "examples/s": args.batch / step_s, "step ms": 1e3 * step_s, "compile s": compile_s,
-          "GFLOP/step": step_flops / 1e9, "% of peak": 100 * step_flops / step_s / machine_peak,
-          "temp MB": temp_mb, "max RSS MB": max_rss_mb()}
+          "examples/s": r["examples/s"], "step ms": r["step ms"], "compile s": r["compile s"],
+          "GFLOP/step": r["flops"] / 1e9,
+          "% of peak": 100 * r["flops"] / (r["step ms"] / 1e3) / machine_peak,
+          "program MB": r["program MB"], "max RSS MB": r["max RSS MB"]}
 
 
 def main():

@@ -9,9 +9,6 @@ import collections
 import pathlib
 
 import numpy as np
-from PIL import Image
-from PIL import ImageDraw
-from PIL import ImageFont
 
 SETTING_NAMES = {"3d": "3D-to-3D", "2d": "2D-to-3D"}
 KS = ("R@1", "R@5", "R@10", "R@50")
@@ -86,6 +83,7 @@ def markdown(methods, settings, summary, budget: list[str]) -> str:
 
 def bar_chart(methods, settings, summary, path: pathlib.Path, metric: str = "R@1"):
   """PNG of grouped bars (ours with std error bars, paper in grey), one panel per setting."""
+  from PIL import Image, ImageDraw, ImageFont  # pylint: disable=g-import-not-at-top  (not on bare accelerator images)
   bar, gap, left, top, panel_h, label_h = 16, 14, 50, 30, 220, 130
   group_w = 2 * bar + gap
   width = left + group_w * len(methods) + 20

@@ -14,9 +14,12 @@ bar chart, ours vs the paper).
   python tools/reproduce_css.py --out /tmp/css --config_arg cpu --composers concat,tirg_lastconv \\
       --seeds 0 --steps 50
 
-Each run lives in `<out>/<setting>/<method>/seed<k>`, so an interrupted sweep
-resumes: finished runs (a results.json at the requested step) are read back,
-unfinished ones continue from their last checkpoint.
+Consecutive seeds (0,1,2) train together as one program (`config.num_seeds`,
+cir_jax/seeds.py: the replicas in one vmapped step, each evaluated), in
+`<out>/<setting>/<method>/seeds<first>-<last>`; other seed lists, or
+--sequential_seeds, train one run per seed in `<out>/<setting>/<method>/seed<k>`.
+Either way an interrupted sweep resumes: finished runs (a results.json at the
+requested step) are read back, unfinished ones continue from their last checkpoint.
 """
 import argparse
 import dataclasses
@@ -106,12 +109,14 @@ def set_field(config, key: str, value):
   node[last] = value
 
 
-def make_config(args, method: Method, setting: str, seed: int):
-  """The experiment config of one run: configs/tirg_css.py[:config_arg] plus the run's fields."""
+def make_config(args, method: Method, setting: str, seed: int, num_seeds: int = 1):
+  """The experiment config of one run: configs/tirg_css.py[:config_arg] plus the run's fields
+  (seeds seed .. seed + num_seeds - 1 in one program when num_seeds > 1)."""
   config = load_config_module(args.config).get_config(args.config_arg or None)
   config.model.composer = method.composer
   config.model.composer_kwargs = dict(method.kwargs)
   config.seed = seed
+  config.num_seeds = num_seeds
   config.data.query_render = setting
   config.model.separate_query_encoder = setting == "2d"  # the paper's separate 2D/3D encoders
   if args.steps:
@@ -153,13 +158,45 @@ def seconds_per_step(workdir: pathlib.Path) -> Optional[float]:
   return float(1.0 / np.median(rates)) if rates else None
 
 
+def together(seeds: list[int], sequential: bool) -> bool:
+  """Whether `seeds` train as one multi-seed program (consecutive, more than one)."""
+  return (not sequential and len(seeds) > 1
+          and seeds == list(range(seeds[0], seeds[0] + len(seeds))))
+
+
+def _run_seeds_together(args, method: Method, setting: str, out: pathlib.Path) -> list[dict]:
+  """One program for all seeds; one record per seed (seconds_per_step: all replicas' step)."""
+  seeds = args.seeds
+  config = make_config(args, method, setting, seeds[0], num_seeds=len(seeds))
+  workdir = out / setting / method.name / f"seeds{seeds[0]}-{seeds[-1]}"
+  results = read_finished(workdir, config.num_train_steps)
+  wall = None
+  if results is None:
+    print(f"[reproduce_css] training {setting} {method.name} seeds {seeds} in one program -> "
+          f"{workdir}", flush=True)
+    start = time.perf_counter()
+    results = train.train_and_evaluate(config, str(workdir))
+    wall = time.perf_counter() - start
+  else:
+    print(f"[reproduce_css] done already: {setting} {method.name} seeds {seeds}", flush=True)
+  per_seed = results.get("per_seed") or [{"seed": seeds[0], "metrics": results["metrics"]}]
+  return [{"setting": setting, "method": method.name, "seed": r["seed"], "step": results["step"],
+           "metrics": r["metrics"], "wall_seconds": wall,
+           "seconds_per_step": seconds_per_step(workdir),
+           "num_queries": results.get("num_queries"), "num_gallery": results.get("num_gallery")}
+          for r in per_seed]
+
+
 def run_all(args) -> list[dict]:
-  """Trains (or reads back) every (setting, method, seed) run; returns one record per run."""
+  """Trains (or reads back) every (setting, method, seed) run; returns one record per seed."""
   out = pathlib.Path(args.out)
   records = []
   for setting in args.settings:
     for name in args.composers:
       method = METHODS_BY_NAME[name]
+      if together(args.seeds, args.sequential_seeds):
+        records += _run_seeds_together(args, method, setting, out)
+        continue
       for seed in args.seeds:
         config = make_config(args, method, setting, seed)
         workdir = out / setting / name / f"seed{seed}"
@@ -196,8 +233,9 @@ def budget_lines(args, config) -> list[str]:
       f"- CSS: {d.num_scenes} scenes / {d.num_queries} queries per split (seed {d.dataset_seed}),"
       f" evaluated on `{d.eval_split}`"
       + (f" (first {d.eval_max_queries} queries only)" if d.eval_max_queries else " (all queries)"),
-      f"- seeds {','.join(map(str, args.seeds))} (model init and data order; same dataset); "
-      "std is the sample std over seeds",
+      f"- seeds {','.join(map(str, args.seeds))} (model init and data order; same dataset"
+      + ("; trained together in one program, config.num_seeds" if together(
+          args.seeds, args.sequential_seeds) else "") + "); std is the sample std over seeds",
       "- 2D->3D: 2D query renders, 3D gallery, separate query/target image encoders "
       "(as in the paper)",
   ]
@@ -214,6 +252,8 @@ def parse_args(argv=None):
                       help=f"comma-separated methods of {list(METHODS_BY_NAME)}")
   parser.add_argument("--settings", default="3d,2d", help="3d (3D->3D) and/or 2d (2D->3D)")
   parser.add_argument("--image_size", type=int, default=0, help="0 = the config's size")
+  parser.add_argument("--sequential_seeds", action="store_true",
+                      help="one run per seed instead of consecutive seeds in one program")
   parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="config override, e.g. --set data.num_scenes=20 (repeatable)")
   args = parser.parse_args(argv)

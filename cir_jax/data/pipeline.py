@@ -1,15 +1,14 @@
 """tf.data input pipelines that feed global, sharded jax.Arrays.
 
-Training order is a pure function of (seed, step): epoch e is a permutation
-(seeded by (seed, e)) of the training examples cut into floor(n / B) full
-batches, the rest of it dropped (PyTorch's drop_last=True, as google/tirg and
-CLIP4Cir train), so no batch spans two epochs; step s is batch s mod
-floor(n / B) of epoch s div floor(n / B). An example is a query, or, when the
-split has `query_groups` (FashionIQ's caption forms), a group: each epoch
-draws one member of each group (uniformly, seeded by (seed, e)), so a batch
-never holds two texts of one triplet (they would be each other's false
-negatives) and over epochs every form is used, as CLIP4Cir's
-generate_randomized_fiq_caption does per triplet and batch. Every process computes the same global batch indices and
+Training order is a pure function of (seed, step) (cir_jax/data/order.py, shared
+with device-resident data): epoch e is a permutation of the training examples cut
+into floor(n / B) full batches, the rest dropped (PyTorch's drop_last=True, as
+google/tirg and CLIP4Cir train), so no batch spans two epochs. An example is a
+query, or, when the split has `query_groups` (FashionIQ's caption forms), a
+group: each epoch draws one member of each group, so a batch never holds two
+texts of one triplet (they would be each other's false negatives) and over epochs
+every form is used, as CLIP4Cir's generate_randomized_fiq_caption does per
+triplet and batch. Every process computes the same global batch indices and
 keeps its own contiguous slice, so
 
 * resuming at step s reproduces the uninterrupted run exactly (no iterator state);
@@ -24,29 +23,18 @@ until they reach the device.
 """
 from typing import Iterator, Optional
 
-import jax
 import numpy as np
 import tensorflow as tf
 
 from cir_jax import sharding
+from cir_jax.data import order
+from cir_jax.data.batching import encode_texts, padded_batches as _padded_batches  # noqa: F401
+from cir_jax.data.batching import process_slice as _process_slice, set_negative_rows  # noqa: F401
 from cir_jax.data import preprocess as preprocess_lib
 from cir_jax.data.tables import RetrievalSplit
 from cir_jax.data.vocab import Vocabulary
 
 AUTOTUNE = tf.data.AUTOTUNE
-
-
-def encode_texts(split: RetrievalSplit, vocab: Vocabulary, max_len: int, log=print):
-  """Tokenises every query text of `split`: -> ids int32 [Q, L], mask bool [Q, L]."""
-  ids, mask, truncated = vocab.encode(split.texts, max_len)
-  empty = np.flatnonzero(mask.sum(1) == 0)
-  if empty.size:
-    raise ValueError(f"{split.name}: query {empty[0]} text {split.texts[empty[0]]!r} has no "
-                     f"words after tokenisation ({empty.size} such queries)")
-  if truncated:
-    log(f"{split.name}: {truncated} of {split.num_queries} texts longer than max_text_len="
-        f"{max_len} words were truncated")
-  return ids, mask
 
 
 def preprocess_kwargs(data_config) -> dict:
@@ -127,41 +115,6 @@ def _options():
   return options
 
 
-def _process_slice(global_indices, local_batch):
-  start = jax.process_index() * local_batch
-  return global_indices[start:start + local_batch]
-
-
-def epoch_permutation(seed: int, epoch, size: int):
-  """Deterministic permutation of range(size) for `epoch` (tf; same on every process)."""
-  noise = tf.random.stateless_uniform([size], seed=tf.stack([tf.cast(seed, tf.int64),
-                                                             tf.cast(epoch, tf.int64)]))
-  return tf.argsort(noise, stable=True)
-
-
-def set_negative_rows(split: RetrievalSplit, size: int) -> np.ndarray:
-  """int64 [Q, size]: each query's image-set members that are neither its reference, nor
-  in its target set, nor graded a partial match (`split.soft_positives`, CIRR's
-  target_soft > 0), -1 padded: the extra negatives of loss.set_negatives, our extension
-  (CIRPLANT's paper and code use the set members only as positives)."""
-  if split.candidates is None:
-    raise ValueError(f"{split.name} has no image sets (RetrievalSplit.candidates), so "
-                     f"loss.set_negatives={size} cannot be used; set it to 0")
-  candidates = np.asarray(split.candidates, np.int64)
-  labels = np.asarray(split.image_labels)
-  valid = candidates >= 0
-  valid &= candidates != np.asarray(split.ref_index)[:, None]
-  valid &= labels[np.maximum(candidates, 0)] != np.asarray(split.target_label)[:, None]
-  if split.soft_positives is not None:
-    soft = np.asarray(split.soft_positives, np.int64)
-    valid &= ~((candidates[:, :, None] == soft[:, None, :]) & (soft[:, None, :] >= 0)).any(-1)
-  rows = np.full((len(candidates), size), -1, np.int64)
-  for i, (row, ok) in enumerate(zip(candidates, valid)):
-    members = row[ok][:size]
-    rows[i, :len(members)] = members
-  return rows
-
-
 class TrainPipeline:
   """Yields training batches: dict of global arrays 'ref_image', 'target_image',
   'text_ids', 'text_mask' (leading dim = global batch, sharded over 'data').
@@ -196,41 +149,24 @@ class TrainPipeline:
                  else _ImageSource(split.query_images, None, image_size))
 
   def _set_groups(self, groups):
-    """Member table of `split.query_groups` (None: every query is its own example)."""
-    if groups is None:
-      self.num_examples, self.group_members = self.split.num_queries, None
-      return
-    groups = np.asarray(groups, np.int64)
-    _, inverse, sizes = np.unique(groups, return_inverse=True, return_counts=True)
-    order = np.argsort(inverse, kind="stable")      # queries grouped, in query order
-    self.num_examples = len(sizes)
-    self.group_members = tf.constant(order.astype(np.int64))
-    self.group_start = tf.constant(np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64))
-    self.group_size = tf.constant(sizes.astype(np.int64))
+    """An epoch's examples: the queries, or the groups of `split.query_groups`."""
+    self.groups = None if groups is None else order.Groups(groups)
+    self.num_examples = self.split.num_queries if groups is None else self.groups.num
 
   def steps_per_epoch(self) -> int:
-    return self.num_examples // self.global_batch
+    return order.steps_per_epoch(self.num_examples, self.global_batch)
 
   def step_indices(self, step):
-    """Query indices of global batch `step` (all processes), int64 [B]."""
+    """Query indices of global batch `step` (all processes), int64 [B].
+
+    cir_jax/data/order.py defines the order (NumPy here, JAX for device-resident data).
+    """
     n, b = self.num_examples, self.global_batch
-    if b > n:
-      raise ValueError(f"batch_size={b} exceeds the {n} training examples of "
-                       f"{self.split.name}")
-    per_epoch = n // b
-    step = tf.cast(step, tf.int64)
-    epoch, offset = step // per_epoch, (step % per_epoch) * b
-    examples = tf.gather(epoch_permutation(self.seed, epoch, n),
-                         offset + tf.range(b, dtype=tf.int64))
-    if self.group_members is None:
-      return tf.cast(examples, tf.int64)
-    key = tf.random.experimental.stateless_fold_in(
-        tf.stack([tf.cast(self.seed, tf.int64), epoch]), 1)
-    u = tf.random.stateless_uniform([n], seed=key, dtype=tf.float64)
-    size = tf.gather(self.group_size, examples)
-    pick = tf.minimum(tf.cast(tf.gather(u, examples) * tf.cast(size, tf.float64), tf.int64),
-                      size - 1)
-    return tf.gather(self.group_members, tf.gather(self.group_start, examples) + pick)
+    order.steps_per_epoch(n, b)  # a batch larger than the examples fails here, named
+    indices = tf.numpy_function(
+        lambda s: order.step_indices_np(self.seed, int(s), n, b, self.groups), [step],
+        tf.int64, stateful=False)
+    return tf.ensure_shape(indices, [b])
 
   def dataset(self, start_step: int) -> tf.data.Dataset:
     if self.global_batch > self.num_examples:
@@ -281,16 +217,6 @@ class TrainPipeline:
       rows = self.set_negatives.numpy()[q].ravel()
       index = np.concatenate([index, rows[rows >= 0]])
     return self.targets.decode_error(index, error, f"{self.split.name}, training step {step}")
-
-
-def _padded_batches(num_items: int, global_batch: int, local_batch: int):
-  """This process's item indices per eval step, padded (with item 0) so that every
-  process runs the same steps; rows past `num_items` are padding the evaluator masks."""
-  steps = max(1, -(-num_items // global_batch))
-  padded = np.arange(steps * global_batch)
-  padded = np.where(padded < num_items, padded, 0)
-  for s in range(steps):
-    yield _process_slice(padded[s * global_batch:(s + 1) * global_batch], local_batch)
 
 
 class EvalPipeline:

@@ -3,6 +3,12 @@ from typing import Callable
 
 
 def _css(data_config, split, log):
+  source = data_config.get("css_source", "tfds")
+  if source == "numpy":  # no TensorFlow Datasets needed (tools/device_check.py)
+    from cir_jax.data import css_numpy  # pylint: disable=g-import-not-at-top
+    return css_numpy.load_css_split_numpy(data_config, split, log=log)
+  if source != "tfds":
+    raise ValueError(f"data.css_source={source!r}; valid: ['tfds', 'numpy']")
   from cir_jax.data import css_split  # pylint: disable=g-import-not-at-top
   return css_split.load_css_split(data_config, split, log=log)
 

@@ -96,14 +96,18 @@ class SummaryWriter:
       partial = self.jsonl.with_name(f".{METRICS_JSONL}.tmp")
       partial.write_text("".join(json.dumps(row) + "\n" for row in kept))
       partial.replace(self.jsonl)  # a kill now leaves the old file or the new, never half
-    if jax.process_index() == 0:
-      import tensorflow as tf  # pylint: disable=g-import-not-at-top
-      self.writer = tf.summary.create_file_writer(str(pathlib.Path(workdir) / "tensorboard"))
+    self.primary = jax.process_index() == 0
+    if self.primary:
+      try:
+        import tensorflow as tf  # pylint: disable=g-import-not-at-top
+      except ImportError:  # a machine without TensorFlow: metrics.jsonl only
+        tf = None
+      if tf is not None:
+        self.writer = tf.summary.create_file_writer(str(pathlib.Path(workdir) / "tensorboard"))
 
   def scalars(self, step: int, values: dict):
-    if self.writer is None:
+    if not self.primary:
       return
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
     scalars = {}
     for name, value in values.items():
       value = np.asarray(value)
@@ -112,10 +116,12 @@ class SummaryWriter:
     # tf.summary.scalar needs the `tensorboard` package (not a dependency of
     # tensorflow 2.21); the core op with the scalar plugin's metadata writes the
     # same event that TensorBoard's scalars dashboard reads.
-    with self.writer.as_default(step=step):
-      for name, value in scalars.items():
-        tf.summary.write(name, tf.constant(value, tf.float32), metadata=_scalar_metadata())
-    self.writer.flush()
+    if self.writer is not None:
+      import tensorflow as tf  # pylint: disable=g-import-not-at-top
+      with self.writer.as_default(step=step):
+        for name, value in scalars.items():
+          tf.summary.write(name, tf.constant(value, tf.float32), metadata=_scalar_metadata())
+      self.writer.flush()
     with self.jsonl.open("a") as f:
       f.write(json.dumps({"step": step, **scalars}) + "\n")
 
