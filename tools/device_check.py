@@ -37,6 +37,7 @@ import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 
 from cir_jax import experiment  # pylint: disable=g-import-not-at-top
+from cir_jax import retrieval  # pylint: disable=g-import-not-at-top
 from cir_jax.data.vocab import Vocabulary  # pylint: disable=g-import-not-at-top
 from cir_jax.data import random_data  # pylint: disable=g-import-not-at-top
 from configs import combiner_cirr  # pylint: disable=g-import-not-at-top
@@ -168,7 +169,8 @@ def gallery_row(check: Check):
   if check.left() < a.reserve_s:
     check.skip(name, "time")
     return
-  ns = types.SimpleNamespace(queries=q, gallery=g, dim=d, k=50, block_size=1024, seed=0)
+  ns = types.SimpleNamespace(queries=q, gallery=g, dim=d, k=50, block_size=1024, seed=0,
+                             gallery_block_size=retrieval.GALLERY_BLOCK)
   queries, gallery = benchmark_retrieval._make_data(ns)  # pylint: disable=protected-access
   _, r = benchmark_retrieval._run_jax(ns, queries, gallery)  # pylint: disable=protected-access
   flops = float(r["xla_flops"] or 2.0 * q * g * d)
