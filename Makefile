@@ -19,8 +19,10 @@ $(VENV)/.test: $(VENV)/.runtime
 
 # Generate CSS (64 px, 1K scenes / 16K queries per split), train TIRG on a CPU budget,
 # evaluate 3D->3D Recall@{1,5,10,50} on the full test split and print the table.
+# (TensorFlow, the input pipeline only, prints a oneDNN notice before its log level applies;
+# its oneDNN kernels never touch the JAX model.)
 demo: $(VENV)/.runtime
-	$(PY) -m cir_jax.train --config configs/tirg_css.py:cpu --workdir runs/demo
+	TF_ENABLE_ONEDNN_OPTS=$${TF_ENABLE_ONEDNN_OPTS:-0} $(PY) -m cir_jax.train --config configs/tirg_css.py:cpu --workdir runs/demo
 
 # The whole suite, slow end-to-end group included (what CI runs).
 test: $(VENV)/.test
