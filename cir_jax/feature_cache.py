@@ -193,7 +193,7 @@ def resolve(config, model, variables, log=print) -> Optional[Plan]:
   """The Plan for `config` (None = compute every tower on the fly); logs what applies.
 
   `variables`: {'params', 'batch_stats'} of the train state, for their shapes
-  only (ShapeDtypeStructs are enough; leading replica axis with num_seeds > 1).
+  only (ShapeDtypeStructs are enough).
   Raises ValueError naming data.cache_frozen_features when it is 'on' and the
   image tower cannot be cached.
   """
@@ -209,25 +209,27 @@ def resolve(config, model, variables, log=print) -> Optional[Plan]:
           f"step {config.optimizer.get('freeze_after_steps', 0)} (only towers frozen from "
           f"step 0 are cached); features are computed on the fly")
     return None
+  if seeds_lib.num_seeds(config) > 1:
+    why = (f"num_seeds={config.num_seeds}: each replica's towers are initialised from its own "
+           f"seed (and init_from is single-replica), so no features are shared")
+    if value == "on":
+      raise ValueError(f"{FIELD}='on' but the image tower cannot be cached: {why}. Set "
+                       f"{FIELD}='auto' or 'off' (features on the fly)")
+    log(f"{FIELD}='auto': not applied ({why}); features are computed on the fly")
+    return None
   variables = _abstract(variables)
-  if seeds_lib.num_seeds(config) > 1:
-    variables = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), variables)
   towers = [a for a in IMAGE_TOWERS if getattr(model, a, None) is not None]
-  reasons = {a: _why_not(config, model, variables, a) for a in towers}
-  if seeds_lib.num_seeds(config) > 1:
-    reasons = {a: f"num_seeds={config.num_seeds} (each replica's tower has its own weights)"
-               for a in towers}
-  image_reasons = {a: r for a, r in reasons.items() if r}
+  image_reasons = {a: r for a in towers if (r := _why_not(config, model, variables, a))}
   text_reason = _why_not(config, model, variables, "text_encoder")
   if image_reasons:
     why = "; ".join(image_reasons.values())
     if value == "on":
       raise ValueError(f"{FIELD}='on' but the image tower cannot be cached: {why}. Set "
                        f"{FIELD}='auto' or 'off' (features on the fly)")
-    if frozen_image:
-      log(f"{FIELD}='auto': not applied ({why}); features are computed on the fly")
+    log(f"{FIELD}='auto': not applied ({why}; a frozen text tower alone is not cached, the "
+        f"trained image tower dominates the step); features are computed on the fly")
     return None
-  text = text_reason is None and seeds_lib.num_seeds(config) == 1
+  text = text_reason is None
   if frozen_text and not text:
     log(f"{FIELD}: the text tower runs on the fly ({text_reason})")
   # Which feature keys the training forward reads (the rest is not kept).

@@ -1,6 +1,9 @@
 """Cached features of frozen towers (cir_jax/feature_cache.py): the same losses, gradients and
 trained parameters as running the towers every step, a keyed workdir cache that is never
 silently wrong, and clear errors when 'on' cannot apply."""
+import pathlib
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -195,6 +198,9 @@ def test_on_names_the_field_when_it_cannot_apply():
   check(updated, "optimizer.freeze does not cover")
   # SSN on FashionIQ fixes its image tower only after freeze_after_steps: never cached.
   check(ssn_fashioniq.get_config("tiny"), "trains until optimizer.freeze_after_steps")
+  seeds = combiner_cirr.get_config("tiny")
+  seeds.num_seeds = 2
+  check(seeds, "num_seeds=2")
   bad = combiner_cirr.get_config("tiny")
   bad.data.cache_frozen_features = "yes"
   with pytest.raises(ValueError, match="data.cache_frozen_features='yes'"):
@@ -217,3 +223,14 @@ def test_auto_logs_why_not_and_frozen_bert_with_dropout_is_not_cached():
   assert plan.image and not plan.text
   assert any("text tower runs on the fly" in line and "dropout" in line for line in logs), logs
   assert common.base_config().data.cache_frozen_features == "auto"
+
+
+@pytest.mark.slow  # compiles both train steps (~5 s quiet); CI runs it
+def test_benchmark_tool_runs(capsys):
+  """tools/benchmark_cached_features.py end to end at tiny sizes (no timing assertion)."""
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tools"))
+  import benchmark_cached_features  # pylint: disable=g-import-not-at-top
+  out = benchmark_cached_features.main(["--batch", "8", "--images", "16", "--steps", "1",
+                                        "--rounds", "1"])
+  assert set(out) == {"on the fly", "cached", "ratio", "feature s"}
+  assert "cached / on the fly" in capsys.readouterr().out
