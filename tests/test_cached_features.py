@@ -225,6 +225,28 @@ def test_auto_logs_why_not_and_frozen_bert_with_dropout_is_not_cached():
   assert common.base_config().data.cache_frozen_features == "auto"
 
 
+@pytest.mark.slow  # two short trainer runs with evaluation
+def test_trainer_keeps_large_features_in_the_workdir_and_reuses_them_on_resume(monkeypatch,
+                                                                               tmp_path):
+  config = combiner_cirr.get_config("tiny")
+  config.data.cache_frozen_features = "on"
+  config.data.device_memory_fraction = 0.0   # "too large for the device": the workdir path
+  config.eval.ks = (1, 5, 10)
+  split = pretrained_fakes.cirr_like_split(num_sets=3)
+  pretrained_fakes.use_split(monkeypatch, config, split)
+  train.train_and_evaluate(config, tmp_path)
+  log = (tmp_path / "log.txt").read_text()
+  assert "exceed data.device_memory_fraction" in log and "wrote" in log, log
+  written = sorted(p.name for p in (tmp_path / feature_cache.CACHE_DIR).iterdir())
+  assert [n.split("-")[0] for n in written] == ["images", "texts"]
+  config.num_train_steps = 2
+  results = train.train_and_evaluate(config, tmp_path)
+  assert results["step"] == 2
+  log = (tmp_path / "log.txt").read_text().split("resumed from")[-1]
+  assert log.count("reusing") == 2 and "computed with" not in log, log
+  assert sorted(p.name for p in (tmp_path / feature_cache.CACHE_DIR).iterdir()) == written
+
+
 @pytest.mark.slow  # compiles both train steps (~5 s quiet); CI runs it
 def test_benchmark_tool_runs(capsys):
   """tools/benchmark_cached_features.py end to end at tiny sizes (no timing assertion)."""
