@@ -17,8 +17,7 @@ is never cached; (b) its training output is a function of its own input alone
 of the dropout key; a frozen BERT keeps its dropout, so it is not cached); (c)
 it reads only its input (the text tower of a `joint_text_image` composer reads
 image tokens; an image tower modulated by the text cannot be frozen at all, the
-adapters refuse it);
-(d) one replica (`num_seeds` = 1: the replicas' towers are initialised from
+adapters refuse it); (d) one replica (`num_seeds` = 1: the replicas' towers are initialised from
 different seeds, and init_from with several seeds is not supported). Training
 and evaluation images get the same `data.preprocess` (the pipelines have no
 augmentation), so features computed once with the evaluation pipeline are the
@@ -30,8 +29,8 @@ Only the feature keys the training forward reads are kept (traced: e.g. the
 Combiner reads 'projected' [d], not 'tokens' [1 + N, C]). The tables go on
 every device when their bytes fit `data.device_memory_fraction` of one device
 (cir_jax/data/device_data.py's sizing) and are gathered inside the train step;
-otherwise they are written to `<workdir>/feature_cache/<key>/` as .npy files,
-key = a hash of the tower's weights (params and batch statistics), its name
+otherwise they are written to `<workdir>/feature_cache/<table>-<key>/` as .npy
+files (memory-mapped; each process gathers its batch slice on the host), key = a hash of the tower's weights (params and batch statistics), its name
 and dtype, `data.preprocess`, the pad ratio, the image size, the split's name
 and images (paths, or the bytes of an in-memory table), the feature keys; a
 resumed run finds them again. Every file's checksum is checked on load; a
@@ -67,6 +66,7 @@ IMAGE_TOWERS = ("image_encoder", "query_image_encoder")
 
 
 def mode(config) -> str:
+  """data.cache_frozen_features ('off' for configs that predate the field)."""
   value = config.data.get("cache_frozen_features", "off")
   if value not in MODES:
     raise ValueError(f"{FIELD}={value!r}; valid: {list(MODES)}")
@@ -75,10 +75,9 @@ def mode(config) -> str:
 
 @dataclasses.dataclass
 class Plan:
-  """What is cached: `image` (the image tower(s)), `text` (the text tower), and the
+  """What is cached: the image tower(s) always, the text tower if `text`, and the
   feature keys the training forward reads: 'ref' (reference images), 'target'
   (targets and set negatives), 'text'."""
-  image: bool
   text: bool
   keys: dict
 
@@ -255,7 +254,7 @@ def resolve(config, model, variables, log=print) -> Optional[Plan]:
     keys["text"] = used["text_features"]
   log(f"{FIELD}={value!r}: caching the frozen image tower" + (" and text tower" if text else "")
       + f" (feature keys kept: {keys})")
-  return Plan(image=True, text=text, keys=keys)
+  return Plan(text=text, keys=keys)
 
 
 # ----------------------------------------------------------------------------- computing
