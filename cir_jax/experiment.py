@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import optax
 
 from cir_jax import checkpoint
+from cir_jax import feature_cache
 from cir_jax import init_from as init_from_lib
 from cir_jax import losses
 from cir_jax import multihost
@@ -178,14 +179,18 @@ def restore_or_init(experiment: Experiment, manager, log) -> Experiment:
 
 def setup_training(config, workdir, log) -> tuple[Experiment, Any]:
   """Mesh, training split and its input (a tf.data TrainPipeline, or DeviceTrainData under
-  data.placement 'device'/'auto', see cir_jax/data/device_data.py), vocabulary, model,
-  optimiser, fresh state."""
+  data.placement 'device'/'auto', see cir_jax/data/device_data.py, or, when frozen towers'
+  features are cached, a feature_cache.Pending to `build` once the state is restored),
+  vocabulary, model, optimiser, fresh state."""
   check_config(config)  # a bad name fails before loading data or compiling
   mesh = make_mesh(config)
   train_split = registry.load_split(config.data, config.data.train_split, log=log)
   vocab = load_vocabulary(config, workdir, train_split)
   experiment = build(config, mesh, vocab, log)
   set_negatives = config.loss.get("set_negatives", 0)
+  plan = feature_cache.resolve(config, experiment.model, experiment.variables, log)
+  if plan is not None:  # frozen towers: features computed after restore (train.py)
+    return experiment, feature_cache.Pending(plan, train_split, vocab)
   if device_data.resolve_placement(config.data, train_split, log) == "device":
     train_data = device_data.DeviceTrainData(train_split, vocab, config.data.max_text_len,
                                              config.batch_size, mesh, config.seed, log=log,

@@ -21,6 +21,7 @@ from cir_jax import checkpoint
 from cir_jax import divergence
 from cir_jax import evaluate as evaluate_lib
 from cir_jax import experiment as experiment_lib
+from cir_jax import feature_cache
 from cir_jax import losses
 from cir_jax import optim
 from cir_jax import preemption
@@ -28,6 +29,7 @@ from cir_jax import retrieval
 from cir_jax import seeds as seeds_lib
 from cir_jax import sharding
 from cir_jax.data import device_data
+from cir_jax.data import feature_data
 from cir_jax.utils import logging as log_lib
 from cir_jax.utils import workdir as workdir_lib
 
@@ -36,15 +38,18 @@ IN_BATCH_KS = (1, 5, 10)
 # param_norm (of the updated params) catches NaN weights even when the loss of
 # that step was still finite.
 FINITE_METRICS = ("loss", "grad_norm", "param_norm")
+# Training inputs whose batch is drawn inside the step from device-resident tables.
+IN_STEP_DATA = (device_data.DeviceTrainData, feature_data.FeatureTrainData)
 
 
 def make_train_step(model, tx, loss_config, mesh, data=None, num_seeds: int = 1,
                     first_seed: int = 0):
   """Returns step(state, inputs) -> (state, metrics), jitted with the state donated.
 
-  `inputs` is a batch (dict of global arrays, what TrainPipeline yields) or, with
-  `data` a DeviceTrainData, its device-resident `data.tables`: the step then
-  draws batch `state.step` itself (cir_jax/data/device_data.py).
+  `inputs` is a batch (dict of global arrays, what TrainPipeline or HostFeatureData
+  yields) or, with `data` a DeviceTrainData or FeatureTrainData, its device-resident
+  `data.tables`: the step then draws batch `state.step` itself
+  (cir_jax/data/device_data.py, cir_jax/data/feature_data.py).
 
   With num_seeds = S > 1 the state is S stacked replicas (cir_jax/seeds.py) and
   the step is vmapped over them: host batches are stacked too ([S, B, ...]),
@@ -99,7 +104,7 @@ def make_train_step(model, tx, loss_config, mesh, data=None, num_seeds: int = 1,
 
 def _inputs(train_data, start: int):
   """What each step takes: the next host batch, or the same device-resident tables."""
-  if isinstance(train_data, device_data.DeviceTrainData):
+  if isinstance(train_data, IN_STEP_DATA):
     def tables():
       while True:
         yield train_data.tables
@@ -138,6 +143,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       f"global batch {config.batch_size}")
   manager = checkpoint.make_manager(workdir, config.keep_checkpoints, log)
   experiment = experiment_lib.restore_or_init(experiment, manager, log)
+  if isinstance(train_data, feature_cache.Pending):  # frozen towers: run them once, now
+    train_data = train_data.build(experiment, workdir, log)
   state = experiment.state
   start = seeds_lib.current_step(state)
   num_seeds = seeds_lib.num_seeds(config)
@@ -147,7 +154,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   schedule = optim.learning_rate_schedule(config.optimizer)
   progress = log_lib.Progress(config.num_train_steps, start, config.batch_size)
   results = {}
-  on_device = isinstance(train_data, device_data.DeviceTrainData)
+  on_device = isinstance(train_data, IN_STEP_DATA)
   train_step = make_train_step(model, experiment.tx, config.loss, mesh,
                                data=train_data if on_device else None, num_seeds=num_seeds,
                                first_seed=config.seed)

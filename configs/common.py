@@ -84,6 +84,10 @@ def base_config() -> ml_collections.ConfigDict:
   # when the split is in memory and its images fit device_memory_fraction of one device).
   c.data.placement = "host"
   c.data.device_memory_fraction = 0.25
+  # Frozen towers (cir_jax/feature_cache.py): 'auto' runs a tower frozen from step 0 once per
+  # training image (and text) and trains from its cached features when that is exact; 'on'
+  # errors when the frozen image tower cannot be cached; 'off' always runs the towers.
+  c.data.cache_frozen_features = "auto"
   c.data.tokenizer = "vocab"       # 'vocab' (word vocabulary, LSTM) | a local HF tokenizer dir
   c.data.train_split = "train"
   c.data.eval_split = "test"

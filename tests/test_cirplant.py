@@ -80,6 +80,7 @@ def test_paper_config_never_uses_an_image_set_member_as_a_negative(monkeypatch, 
   assert "set_negative_images" not in experiment.example_batch(config)
   split = _with_soft_positives(fakes.cirr_like_split(num_sets=3, queries_per_set=4))
   fakes.use_split(monkeypatch, config, split)
+  config.data.cache_frozen_features = "off"  # the pixel pipeline's batch is inspected here
   exp, data = experiment.setup_training(config, tmp_path, log=lambda _: None)
   batch = next(data.dataset(0).as_numpy_iterator())
   assert sorted(batch) == ["ref_image", "target_image", "text_ids", "text_mask"]

@@ -74,18 +74,26 @@ def step_indices_np(seed: int, step: int, num_examples: int, global_batch: int,
   return groups.members[groups.start[examples] + (pick % size.astype(np.uint32)).astype(np.int64)]
 
 
-def step_indices_jax(seed, step, num_examples: int, global_batch: int):
-  """int32 [B]: the same indices as `step_indices_np` (no groups), from a traced `step`.
+def step_indices_jax(seed, step, num_examples: int, global_batch: int, groups=None):
+  """int32 [B]: the same indices as `step_indices_np`, from a traced `step`.
 
   `seed` is a Python int or a traced integer (one per replica under vmap).
+  `groups`: None, or `Groups.tables()` as (device) arrays: an example is then a
+  group and one member is drawn per group, as in `step_indices_np`.
   """
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   per_epoch = steps_per_epoch(num_examples, global_batch)
   step = jnp.asarray(step, jnp.int32)
   epoch, offset = step // per_epoch, (step % per_epoch) * global_batch
-  perm = jnp.argsort(_keys(seed, epoch, num_examples, jnp), stable=True).astype(jnp.int32)
-  return jax.lax.dynamic_slice(perm, (offset,), (global_batch,))
+  keys = _keys(seed, epoch, num_examples, jnp)
+  perm = jnp.argsort(keys, stable=True).astype(jnp.int32)
+  examples = jax.lax.dynamic_slice(perm, (offset,), (global_batch,))
+  if groups is None:
+    return examples
+  pick = _fmix32(keys[examples] ^ jnp.uint32(_MEMBER_SALT), jnp)
+  size = groups["size"][examples].astype(jnp.uint32)
+  return groups["members"][groups["start"][examples] + (pick % size).astype(jnp.int32)]
 
 
 class Groups:
@@ -104,6 +112,11 @@ class Groups:
     self.num = len(sizes)
     self.size = sizes.astype(np.int64)
     self.start = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+
+  def tables(self) -> dict:
+    """int32 'members', 'start', 'size' (what `step_indices_jax` reads, e.g. on device)."""
+    return {"members": self.members.astype(np.int32), "start": self.start.astype(np.int32),
+            "size": self.size.astype(np.int32)}
 
 
 def _check(num_examples: int, global_batch: int):

@@ -16,10 +16,15 @@ Composer hooks (see `cir_jax.models.composers`):
   own projections); the `proj` head is then not used at all.
 * `joint_text_image = True` with `image_tokens(image, train)`: the text encoder
   reads the reference image as extra tokens (CIRPLANT's OSCAR input).
+
+Precomputed features of frozen towers (cir_jax/feature_cache.py): every encode
+method also takes the tower's output dict instead of its input, so training from
+cached features runs exactly the code below minus the towers.
 """
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from cir_jax.models import adapters
@@ -81,28 +86,50 @@ class RetrievalModel(nn.Module):
   def _composer_owns_target(self) -> bool:
     return hasattr(self.composer, "encode_target")
 
-  def encode_target(self, images, train: bool = False):
-    """uint8 [B, H, W, 3] -> target embeddings [B, d] (normalised and scaled)."""
-    features = self.image_encoder(_pixels(self.image_encoder, images), train=train)
+  def encode_target(self, images, train: bool = False, features=None):
+    """uint8 [B, H, W, 3] -> target embeddings [B, d] (normalised and scaled).
+
+    `features`: the image tower's dict for these images (a frozen tower's cached
+    output); then `images` is not read (pass None).
+    """
+    if features is None:
+      features = self.image_encoder(_pixels(self.image_encoder, images), train=train)
     if self._composer_owns_target():
       return self._finish(self.composer.encode_target(features, train=train))
     return self._finish(self.target_proj(features["pooled"]))
 
-  def encode_query(self, images, text_ids, text_mask, train: bool = False):
-    """Composes reference images [B, H, W, 3] with texts [B, L] -> ([B, d], aux)."""
+  def encode_query(self, images, text_ids, text_mask, train: bool = False,
+                   image_features=None, text_features=None):
+    """Composes reference images [B, H, W, 3] with texts [B, L] -> ([B, d], aux).
+
+    `image_features` / `text_features`: the (frozen) towers' dicts for these
+    inputs, used instead of running the towers; `images` / `text_ids`,
+    `text_mask` are then not read.
+    """
     encoder = self.query_image_encoder or self.image_encoder
     proj = self.query_proj or self.target_proj
     if getattr(self.composer, "joint_text_image", False):
+      if text_features is not None:
+        raise ValueError(f"composer {type(self.composer).__name__} feeds the image into the "
+                         f"text encoder (joint_text_image): its text features cannot be cached")
       # The text encoder sees the image as extra tokens, so the image comes first.
-      image = encoder(_pixels(encoder, images), train=train)
+      image = (image_features if image_features is not None
+               else encoder(_pixels(encoder, images), train=train))
       text = self.text_encoder(text_ids, text_mask, train=train,
                                extra_embeddings=self.composer.image_tokens(image, train=train))
     else:
-      text = self.text_encoder(text_ids, text_mask, train=train)
-      modulate = None
-      if getattr(self.composer, "modulates_backbone", False):
-        modulate = self.composer.backbone_modulation(text, train=train)
-      image = encoder(_pixels(encoder, images), train=train, modulate=modulate)
+      text = (text_features if text_features is not None
+              else self.text_encoder(text_ids, text_mask, train=train))
+      if image_features is not None:
+        if getattr(self.composer, "modulates_backbone", False):
+          raise ValueError(f"composer {type(self.composer).__name__} modulates the image "
+                           f"backbone with the text: its image features cannot be cached")
+        image = image_features
+      else:
+        modulate = None
+        if getattr(self.composer, "modulates_backbone", False):
+          modulate = self.composer.backbone_modulation(text, train=train)
+        image = encoder(_pixels(encoder, images), train=train, modulate=modulate)
     if not self._composer_owns_target():
       image = dict(image, embedding=proj(image["pooled"]))
     out, aux = self.composer(image, text, train=train)
@@ -121,15 +148,30 @@ class RetrievalModel(nn.Module):
     With 'set_negative_images' [B, S, H, W, 3] and 'set_negative_mask' [B, S] in the
     batch (config.loss.set_negatives > 0), the extra negatives go through the target
     path too: aux 'set_negatives' [B, S, D] and 'set_negative_mask' [B, S].
+
+    Cached features of frozen towers (cir_jax/feature_cache.py) replace inputs:
+    'ref_features', 'target_features' (image dicts, leaves [B, ...]) instead of
+    'ref_image', 'target_image'; 'text_features' (text dict) instead of running the
+    text tower on 'text_ids', 'text_mask'; 'set_negative_features' (leaves [B, S, ...])
+    instead of 'set_negative_images'.
     """
-    query, aux = self.encode_query(batch["ref_image"], batch["text_ids"], batch["text_mask"],
-                                   train=train)
-    target = self.encode_target(batch["target_image"], train=train)
+    query, aux = self.encode_query(batch.get("ref_image"), batch.get("text_ids"),
+                                   batch.get("text_mask"), train=train,
+                                   image_features=batch.get("ref_features"),
+                                   text_features=batch.get("text_features"))
+    target = self.encode_target(batch.get("target_image"), train=train,
+                                features=batch.get("target_features"))
     aux = dict(aux, scale=self.norm_scale)
-    if "set_negative_images" in batch:
-      images = batch["set_negative_images"]
-      b, s = images.shape[:2]
-      negatives = self.encode_target(images.reshape((b * s,) + images.shape[2:]), train=train)
+    if "set_negative_images" in batch or "set_negative_features" in batch:
+      if "set_negative_features" in batch:
+        features = batch["set_negative_features"]
+        b, s = jax.tree.leaves(features)[0].shape[:2]
+        negatives = self.encode_target(None, train=train, features=jax.tree.map(
+            lambda x: x.reshape((b * s,) + x.shape[2:]), features))
+      else:
+        images = batch["set_negative_images"]
+        b, s = images.shape[:2]
+        negatives = self.encode_target(images.reshape((b * s,) + images.shape[2:]), train=train)
       aux.update(set_negatives=negatives.reshape(b, s, -1),
                  set_negative_mask=batch["set_negative_mask"])
     return query, target, aux
