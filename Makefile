@@ -24,12 +24,13 @@ $(VENV)/.test: $(VENV)/.runtime
 demo: $(VENV)/.runtime
 	TF_ENABLE_ONEDNN_OPTS=$${TF_ENABLE_ONEDNN_OPTS:-0} $(PY) -m cir_jax.train --config configs/tirg_css.py:cpu --workdir runs/demo
 
-# The whole suite, slow end-to-end group included (what CI runs).
+# The whole suite, slow end-to-end group included (what CI runs), one pytest-xdist worker
+# per core; tests sharing a session fixture form one xdist_group (`--dist loadgroup`).
 test: $(VENV)/.test
-	$(PY) -m pytest -q --durations=20
+	$(PY) -m pytest -q -n auto --dist loadgroup --durations=20
 
 test-fast: $(VENV)/.test
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n auto --dist loadgroup -m "not slow"
 
 bench: $(VENV)/.runtime
 	$(PY) tools/benchmark.py

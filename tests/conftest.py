@@ -4,8 +4,10 @@ import os
 import shutil
 import tempfile
 
-# Must happen before jax is imported anywhere.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+from tests import xla_flags
+
+# Must happen before jax is imported anywhere (tests/xla_flags.py: why level 0).
+os.environ.setdefault("XLA_FLAGS", xla_flags.for_devices(8))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # Compile time dominates this suite: many tests (and the trainer subprocesses of the
 # resume / preemption / multi-host tests, which inherit the environment) compile the

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from tests import xla_flags
 from tests.conftest import REPO
 
 # Imports of these modules fail in the child, as on a machine without them.
@@ -21,7 +22,7 @@ runpy.run_path("tools/device_check.py", run_name="__main__")
 @pytest.mark.slow
 def test_device_check_runs_without_tensorflow(tmp_path):
   env = dict(os.environ, PYTHONPATH=str(REPO))
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+  env["XLA_FLAGS"] = xla_flags.for_devices(1)
   out = subprocess.run(
       [sys.executable, "-c", BLOCK, "--tiny", "--out", str(tmp_path / "runs"),
        "--css_seeds", "2"],

@@ -23,6 +23,7 @@ from cir_jax import train
 from cir_jax.data import css
 from tests import fakes
 from tests import multihost_child
+from tests import xla_flags
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NUM_PROCESSES = 2
@@ -44,7 +45,7 @@ def _overrides(data_dir) -> dict:
 
 def _launch(overrides, workdir, tmp_path):
   """Starts the children; returns [(Popen, log path)]."""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+  env = dict(os.environ, XLA_FLAGS=xla_flags.for_devices(4),
              JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
              PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
   port = _free_port()

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 from cir_jax.data import css
+from tests import xla_flags
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY_CSS = dict(image_size=32, num_scenes=20, num_queries=50, seed=0)
@@ -48,7 +49,7 @@ def make_env(tmp_path_factory, name: str, steps: int, checkpoint_every: int) -> 
   variables = dict(os.environ)
   variables.update({
       "PYTHONPATH": str(REPO),
-      "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+      "XLA_FLAGS": xla_flags.for_devices(1),
       "JAX_COMPILATION_CACHE_DIR": str(base / "xla_cache"),
       "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
       "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
