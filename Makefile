@@ -25,12 +25,12 @@ demo: $(VENV)/.runtime
 	TF_ENABLE_ONEDNN_OPTS=$${TF_ENABLE_ONEDNN_OPTS:-0} $(PY) -m cir_jax.train --config configs/tirg_css.py:cpu --workdir runs/demo
 
 # The whole suite, slow end-to-end group included (what CI runs), one pytest-xdist worker
-# per core; tests sharing a session fixture form one xdist_group (`--dist loadgroup`).
+# per core; an idle worker takes tests queued for a busy one (`--dist worksteal`).
 test: $(VENV)/.test
-	$(PY) -m pytest -q -n auto --dist loadgroup --durations=20
+	$(PY) -m pytest -q -n auto --dist worksteal --durations=20
 
 test-fast: $(VENV)/.test
-	$(PY) -m pytest -q -n auto --dist loadgroup -m "not slow"
+	$(PY) -m pytest -q -n auto --dist worksteal -m "not slow"
 
 bench: $(VENV)/.runtime
 	$(PY) tools/benchmark.py

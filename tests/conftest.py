@@ -1,5 +1,6 @@
 """Test set-up: 8 fake CPU devices, one compilation cache for the session, quiet TensorFlow."""
 import atexit
+import fcntl
 import os
 import shutil
 import tempfile
@@ -43,14 +44,24 @@ def tiny_css_run(tmp_path_factory):
 
   The preemption tests compare interrupted runs with it (same config file, so the
   subprocesses hit its compilation cache) and the retrieve tool reads its workdir.
+  Under pytest-xdist the run lives in the directory shared by all workers and the
+  first worker to need it trains it (a file lock; the others wait and reuse it).
 
   Returns:
     (env, workdir): `env` from tests.train_subprocess.make_env; 200 steps,
     a checkpoint every 20 steps, results.json written.
   """
   from tests import train_subprocess as ts  # pylint: disable=g-import-not-at-top
-  env = ts.make_env(tmp_path_factory, "tiny_css_run", steps=ts.REFERENCE_STEPS,
-                    checkpoint_every=ts.REFERENCE_CHECKPOINT_EVERY)
-  workdir = env["root"] / "uninterrupted"
-  ts.run(env, workdir)
+  base = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    base = base.parent  # the session's root; each worker's basetemp is a child of it
+  base = base / "tiny_css_run"
+  base.mkdir(exist_ok=True)
+  with open(base / ".lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+    env = ts.make_env(base, "run", steps=ts.REFERENCE_STEPS,
+                      checkpoint_every=ts.REFERENCE_CHECKPOINT_EVERY)
+    workdir = env["root"] / "uninterrupted"
+    if not (workdir / "results.json").exists():
+      ts.run(env, workdir)
   return env, workdir

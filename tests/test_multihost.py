@@ -106,9 +106,12 @@ def test_two_processes_equal_one_process(tmp_path):
   assert "8 device(s) over 2 process(es)" in (multi / "log.txt").read_text()
   got, want = _metrics(multi), _metrics(single)
   assert sorted(got) == sorted(want) == [1, 2, 3, 4]
+  # The cross-process all-reduce (gloo) sums in another order than the in-process one:
+  # after three Adam steps the gradient norm differs by ~2e-5 (relative); a wrong
+  # slice, scale or collective differs by orders of magnitude more.
   for step in want:
     for key in ("loss", "grad_norm", "param_norm", "batch_R@1", "batch_R@5"):
-      np.testing.assert_allclose(got[step][key], want[step][key], rtol=1e-5, atol=1e-5,
+      np.testing.assert_allclose(got[step][key], want[step][key], rtol=1e-4, atol=1e-5,
                                  err_msg=f"step {step} {key}")
   assert len({round(r["loss"], 5) for r in want.values()}) == 4  # training really moved
 

@@ -29,9 +29,6 @@ from tests import fakes
 from tests import train_subprocess as ts
 
 STEPS = ts.REFERENCE_STEPS
-# With pytest-xdist, the tests sharing the session's tiny CSS run go to one worker
-# (`--dist loadgroup`), so the run is trained once.
-pytestmark = pytest.mark.xdist_group("tiny_css_run")
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,6 @@ from PIL import Image
 from tests import train_subprocess as ts
 
 TOOL = ts.REPO / "tools" / "retrieve.py"
-# With pytest-xdist, the tests sharing the session's tiny CSS run go to one worker
-# (`--dist loadgroup`), so the run is trained once.
-pytestmark = pytest.mark.xdist_group("tiny_css_run")
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,7 @@
 """SSN: shapes and gradients, the decompose/compose structure, Eq. 7-9 against NumPy,
 sharded == single device, the step-scheduled image-encoder freeze, and learning."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,13 +24,27 @@ BATCH = {"ref_image": jnp.asarray(np.random.default_rng(0).integers(0, 255, (4, 
          "text_mask": jnp.asarray(np.arange(16)[None] < np.array([[3], [5], [16], [8]]))}
 
 
-def _model(**composer_kwargs):
+def _build(**composer_kwargs):
+  """(config, model) of the tiny SSN CIRR config with `composer_kwargs`."""
   config = ssn_cirr.get_config("tiny")
   config.model.composer_kwargs.update(composer_kwargs)
-  model = fakes.build.build_model(config.model, 20)
-  variables = jax.jit(model.init)({"params": jax.random.key(0), "dropout": jax.random.key(1)},
-                                  BATCH)
-  return config, model, variables
+  return config, fakes.build.build_model(config.model, 20)
+
+
+INIT_RNGS = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
+
+
+@functools.cache
+def _model():
+  """(config, model, variables) of the default tiny SSN, initialised once per module."""
+  config, model = _build()
+  return config, model, jax.jit(model.init)(INIT_RNGS, BATCH)
+
+
+def _param_shapes(**composer_kwargs):
+  """The parameter tree of a variant, traced (no compile)."""
+  _, model = _build(**composer_kwargs)
+  return jax.eval_shape(model.init, INIT_RNGS, BATCH)["params"]
 
 
 def test_shapes_branches_and_gradients():
@@ -89,7 +105,7 @@ def test_table3_variants_use_what_their_rows_say():
   # Table 3: full = (V+, T+); prototype_text = (V+, T); image_positive_text = (V, T+);
   # no_decompose = (V, T). Each variant is applied with the full model's params.
   _, full, variables = _model()
-  models = {v: _model(variant=v)[1] for v in ("no_decompose", "prototype_text",
+  models = {v: _build(variant=v)[1] for v in ("no_decompose", "prototype_text",
                                                "image_positive_text")}
   models["full"] = full
   applies = {v: jax.jit(m.apply) for v, m in models.items()}  # one compile per variant
@@ -124,11 +140,10 @@ def test_table3_variants_use_what_their_rows_say():
 
 
 def test_shared_decompose_has_one_layer_and_bad_variant_fails():
-  _, _, variables = _model(share_decompose=True)
-  composer = variables["params"]["composer"]
+  composer = _param_shapes(share_decompose=True)["composer"]
   assert "text_decompose" in composer and "image_decompose" not in composer
   with pytest.raises(ValueError, match="unknown SSN variant 'bogus'"):
-    _model(variant="bogus")
+    _param_shapes(variant="bogus")
 
 
 def _log_softmax(x):

@@ -33,15 +33,15 @@ def get_config(arg=None):
 """
 
 
-def make_env(tmp_path_factory, name: str, steps: int, checkpoint_every: int) -> dict:
-  """Builds tiny CSS and a config file under a new tmp dir.
+def make_env(base: pathlib.Path, name: str, steps: int, checkpoint_every: int) -> dict:
+  """Builds tiny CSS under `base` (once) and a config file under `base / name`.
 
   Returns:
-    {'root': the dir, 'config': config file path, 'env': subprocess environment}.
+    {'root': base / name, 'config': config file path, 'env': subprocess environment}.
   """
-  root = tmp_path_factory.mktemp(name)
-  base = tmp_path_factory.getbasetemp()
-  css.build_css(base / "tiny_css", **TINY_CSS)  # once per session (TFDS reuses it)
+  root = base / name
+  root.mkdir(parents=True, exist_ok=True)
+  css.build_css(base / "tiny_css", **TINY_CSS)  # once per base dir (TFDS reuses it)
   config = root / "tiny_config.py"
   config.write_text(CONFIG.format(data_dir=str(base / "tiny_css"), steps=steps,
                                   every=checkpoint_every, num_scenes=TINY_CSS["num_scenes"],
