@@ -172,7 +172,7 @@ def shard_gallery(emb: jax.Array, mesh: Mesh, axis_name: str = 'data',
   return jax.device_put(padded, row_sharding), jax.device_put(valid, row_sharding)
 
 
-GALLERY_BLOCK = 16384   # gallery rows scored at a time per query block
+GALLERY_BLOCK = 65536   # gallery rows scored at a time per query block (docs/benchmarks.md, 2026-12-04)
 TOPK_CHUNK = 32         # chunk width of the exact pruning in `_block_topk`
 
 

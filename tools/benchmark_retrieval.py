@@ -48,7 +48,9 @@ def parse_args(argv=None):
   parser.add_argument('--dim', type=int, default=512)
   parser.add_argument('--k', type=int, default=50)
   parser.add_argument('--block-size', type=int, default=1024)
-  parser.add_argument('--gallery-block-size', type=int, default=16384,
+  # The default is cir_jax.retrieval.GALLERY_BLOCK (not imported here: jax must be
+  # imported only after the worker has set its XLA flags).
+  parser.add_argument('--gallery-block-size', type=int, default=65536,
                       help='jax: gallery rows per score block (peak memory '
                            'block-size x this, not Q x G)')
   parser.add_argument('--threads', type=int, default=2)
