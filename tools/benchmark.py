@@ -61,6 +61,40 @@ def device_peak_bytes() -> float:
   return float(stats.get("peak_bytes_in_use", float("nan")))
 
 
+def alternate_train_steps(exp, loss_config, mesh, inputs: dict, batch_size: int, rounds: int,
+                          steps: int) -> dict:
+  """Median examples/s of the trainer's own step under several input paths, alternated.
+
+  `inputs`: name -> (data, iterator): `data` is what the step draws its batch from
+  inside the jitted step (a DeviceTrainData / FeatureTrainData; None for host
+  batches) and `iterator` yields each step's inputs. Every path starts from
+  `exp.state` and compiles with one untimed step; each round then times `steps`
+  steps of every path in turn, as the trainer runs them (dispatch, block at the
+  end), because timings on a shared host drift. Prints each round's rate.
+  """
+  init = jax.device_get(exp.state)
+  shardings = jax.tree.map(lambda x: x.sharding, exp.state)
+  width = max(map(len, inputs))
+  runs = {}
+  for name, (data, iterator) in inputs.items():
+    step = train.make_train_step(exp.model, exp.tx, loss_config, mesh, data=data)
+    state, metrics = step(jax.device_put(init, shardings), next(iterator))   # compiles
+    jax.block_until_ready(metrics)
+    runs[name] = [step, iterator, state, []]
+  for _ in range(rounds):
+    for name, run in runs.items():
+      step, iterator, state, times = run
+      start = time.perf_counter()
+      for _ in range(steps):
+        state, metrics = step(state, next(iterator))
+      jax.block_until_ready(metrics)
+      times.append((time.perf_counter() - start) / steps)
+      run[2] = state
+      print(f"{name:{width}s} round {len(times)}: {batch_size / times[-1]:.1f} examples/s",
+            flush=True)
+  return {name: batch_size / statistics.median(run[3]) for name, run in runs.items()}
+
+
 def bench_config(config, mesh, warmup: int = 2, steps: int = 10, vocab=None) -> dict:
   """Compiles and times the train step of `config` on a random split (device-resident data).
 

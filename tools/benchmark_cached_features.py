@@ -15,17 +15,17 @@ Compilation is excluded (one warm-up step each). Timing only here, never in test
 """
 import argparse
 import os
-import statistics
 import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import benchmark  # pylint: disable=g-import-not-at-top
 import jax  # pylint: disable=g-import-not-at-top
 
 from cir_jax import experiment  # pylint: disable=g-import-not-at-top
 from cir_jax import feature_cache  # pylint: disable=g-import-not-at-top
-from cir_jax import train  # pylint: disable=g-import-not-at-top
 from cir_jax.data import device_data  # pylint: disable=g-import-not-at-top
 from cir_jax.data import random_data  # pylint: disable=g-import-not-at-top
 from cir_jax.data.vocab import Vocabulary  # pylint: disable=g-import-not-at-top
@@ -51,8 +51,6 @@ def main(argv=None) -> dict:
   plan = feature_cache.resolve(config, exp.model, exp.variables, log=quiet)
   if plan is None:
     raise ValueError(f"combiner_cirr:{args.config_arg} has no cacheable frozen tower")
-  init = jax.device_get(exp.state)
-  shardings = jax.tree.map(lambda x: x.sharding, exp.state)
   b = config.batch_size
   pixels = device_data.DeviceTrainData(split, vocab, config.data.max_text_len, b, mesh,
                                        config.seed, log=quiet)
@@ -61,24 +59,10 @@ def main(argv=None) -> dict:
                                           placement="device")
   jax.block_until_ready(cached.tables)
   feature_s = time.perf_counter() - start
-  runs = {}
-  for name, data in (("on the fly", pixels), ("cached", cached)):
-    step = train.make_train_step(exp.model, exp.tx, config.loss, mesh, data=data)
-    state = jax.device_put(init, shardings)
-    state, metrics = step(state, data.tables)   # compiles
-    jax.block_until_ready(metrics)
-    runs[name] = [step, data, state, []]
-  for _ in range(args.rounds):
-    for name, run in runs.items():
-      step, data, state, times = run
-      t = time.perf_counter()
-      for _ in range(args.steps):
-        state, metrics = step(state, data.tables)
-      jax.block_until_ready(metrics)
-      times.append((time.perf_counter() - t) / args.steps)
-      run[2] = state
-      print(f"{name:10s} round {len(times)}: {b / times[-1]:.1f} examples/s", flush=True)
-  rates = {n: b / statistics.median(r[3]) for n, r in runs.items()}
+  rates = benchmark.alternate_train_steps(
+      exp, config.loss, mesh, {name: (data, iter(lambda d=data: d.tables, None))
+                               for name, data in (("on the fly", pixels), ("cached", cached))},
+      b, args.rounds, args.steps)
   print(f"\nconfig combiner_cirr:{args.config_arg} ({config.model.image_encoder} + "
         f"{config.model.text_encoder}, frozen; {config.data.image_size}px, batch {b}), "
         f"{jax.device_count()} {jax.default_backend()} device(s), {args.steps} steps x "
