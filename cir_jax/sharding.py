@@ -32,6 +32,17 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def put_replicated(tree, mesh: Mesh):
+  """The same host arrays (a pytree; NumPy or memory-mapped) on every device of `mesh`.
+
+  Each process passes its own copy; a device's slice is read from the host array
+  only when that device is filled.
+  """
+  spec = replicated(mesh)
+  return jax.tree.map(lambda a: jax.make_array_from_callback(
+      np.shape(a), spec, lambda index: np.asarray(a[index])), tree)
+
+
 def local_batch_size(global_batch: int, mesh: Mesh, what: str = "batch_size") -> int:
   """This process's share of a global batch; raises if it does not divide evenly."""
   devices, processes = mesh.size, jax.process_count()

@@ -79,13 +79,6 @@ def resolve_placement(data_config, split: RetrievalSplit, log=print) -> str:
   return "device"
 
 
-def _put_replicated(array: np.ndarray, mesh) -> jax.Array:
-  """The same host array on every device of `mesh` (each process passes its own copy)."""
-  array = np.asarray(array)
-  return jax.make_array_from_callback(array.shape, sharding.replicated(mesh),
-                                      lambda index: array[index])
-
-
 class DeviceTrainData:
   """A training split's tables on the mesh and the in-step gather of each global batch.
 
@@ -118,7 +111,7 @@ class DeviceTrainData:
       host["query_images"] = split.query_images
     if set_negatives:
       host["set_negatives"] = batching.set_negative_rows(split, set_negatives).astype(np.int32)
-    self.tables = {k: _put_replicated(v, mesh) for k, v in host.items()}
+    self.tables = sharding.put_replicated(host, mesh)
     log(f"{split.name}: {table_bytes(split) / 2**20:.1f} MiB of images placed on each of "
         f"{mesh.size} device(s); batches are drawn inside the train step")
 

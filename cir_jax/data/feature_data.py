@@ -69,12 +69,6 @@ def gather(tables: dict, q, xp=jnp) -> dict:
   return batch
 
 
-def _put_replicated(tree, mesh):
-  spec = sharding.replicated(mesh)
-  return jax.tree.map(lambda a: jax.make_array_from_callback(
-      np.shape(a), spec, lambda index: np.asarray(a[index])), tree)
-
-
 class FeatureTrainData:
   """Feature and index tables on the mesh; `batch(tables, step, seed)` runs in the step.
 
@@ -89,7 +83,7 @@ class FeatureTrainData:
     self.num_examples = num_examples(split)
     order.steps_per_epoch(self.num_examples, global_batch)  # a too-large batch fails, named
     sharding.local_batch_size(global_batch, mesh)
-    self.tables = _put_replicated({**index, "features": features}, mesh)
+    self.tables = sharding.put_replicated({**index, "features": features}, mesh)
     log(f"{split.name}: {tree_bytes(features) / 2**20:.1f} MiB of cached features placed on "
         f"each of {mesh.size} device(s); batches are gathered inside the train step")
 
