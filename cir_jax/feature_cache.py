@@ -188,6 +188,14 @@ def _why_not(config, model, variables, attr: str) -> Optional[str]:
   return None
 
 
+def _decline(value: str, why: str, log, auto_note: str = "") -> None:
+  """The image tower cannot be cached: an error under 'on', a log line under 'auto'."""
+  if value == "on":
+    raise ValueError(f"{FIELD}='on' but the image tower cannot be cached: {why}. Set "
+                     f"{FIELD}='auto' or 'off' (features on the fly)")
+  log(f"{FIELD}='auto': not applied ({why}{auto_note}); features are computed on the fly")
+
+
 def resolve(config, model, variables, log=print) -> Optional[Plan]:
   """The Plan for `config` (None = compute every tower on the fly); logs what applies.
 
@@ -209,25 +217,17 @@ def resolve(config, model, variables, log=print) -> Optional[Plan]:
           f"step 0 are cached); features are computed on the fly")
     return None
   if seeds_lib.num_seeds(config) > 1:
-    why = (f"num_seeds={config.num_seeds}: each replica's towers are initialised from its own "
-           f"seed (and init_from is single-replica), so no features are shared")
-    if value == "on":
-      raise ValueError(f"{FIELD}='on' but the image tower cannot be cached: {why}. Set "
-                       f"{FIELD}='auto' or 'off' (features on the fly)")
-    log(f"{FIELD}='auto': not applied ({why}); features are computed on the fly")
-    return None
+    return _decline(value, f"num_seeds={config.num_seeds}: each replica's towers are "
+                    f"initialised from its own seed (and init_from is single-replica), so no "
+                    f"features are shared", log)
   variables = _abstract(variables)
   towers = [a for a in IMAGE_TOWERS if getattr(model, a, None) is not None]
   image_reasons = {a: r for a in towers if (r := _why_not(config, model, variables, a))}
   text_reason = _why_not(config, model, variables, "text_encoder")
   if image_reasons:
-    why = "; ".join(image_reasons.values())
-    if value == "on":
-      raise ValueError(f"{FIELD}='on' but the image tower cannot be cached: {why}. Set "
-                       f"{FIELD}='auto' or 'off' (features on the fly)")
-    log(f"{FIELD}='auto': not applied ({why}; a frozen text tower alone is not cached, the "
-        f"trained image tower dominates the step); features are computed on the fly")
-    return None
+    return _decline(value, "; ".join(image_reasons.values()), log,
+                    auto_note="; a frozen text tower alone is not cached, the trained image "
+                              "tower dominates the step")
   text = text_reason is None
   if frozen_text and not text:
     log(f"{FIELD}: the text tower runs on the fly ({text_reason})")
