@@ -9,8 +9,8 @@ pads and adds. At 224 px the picture flips: the native lowering is faster
 (ResNet-18 TIRG train step, batch 32: 3.46 vs 2.67 examples/s) and the im2col
 buffers cost 2.4x the memory. On GPU/TPU the native convolution is the fast
 one. So 'auto' picks the per-layer 'mixed' lowering (native 3x3 convs on maps of
-8x8 and more, matmul below: at 64 px 16% less CPU per TIRG step than all-matmul,
-2026-12-02) only on CPU and only for images up to `AUTO_MATMUL_MAX_PIXELS`
+8x8 and more and the 7x7 stem, matmul below: at 64 px 16% less CPU per TIRG step
+than all-matmul, 2026-12-02, and 6% less again with the native stem, 2026-12-04) only on CPU and only for images up to `AUTO_MATMUL_MAX_PIXELS`
 (docs/benchmarks.md has the measurements; 224 px was not re-measured with 'mixed'). Both lowerings have the same parameters
 ('kernel' [kh, kw, C_in, C_out], optional 'bias'), so checkpoints are shared.
 """
@@ -23,8 +23,8 @@ import jax.numpy as jnp
 
 CONV_IMPLS = ("auto", "xla", "matmul", "mixed")
 AUTO_MATMUL_MAX_PIXELS = 128 * 128   # CPU: matmul up to 128 px images, native above
-# 'mixed': XLA's native convolution for 3x3 convolutions with outputs of at least
-# this many pixels (per image), the matmul lowering for all others.
+# 'mixed': XLA's native convolution for the 7x7 stem and for 3x3 convolutions with
+# outputs of at least this many pixels (per image), the matmul lowering for all others.
 MIXED_NATIVE_MIN_OUT_PIXELS = 8 * 8
 
 
@@ -36,10 +36,15 @@ def layer_impl(conv_impl: str, input_hw: Sequence[int], kernel_size: Sequence[in
   native 3x3 convolution beats the matmul lowering on maps of 8x8 and more
   (16x16x64: 30 vs 57 ms; 56x56x64: 0.77 vs 1.09 s) and collapses on small maps
   with many channels (2x2x512: 926 vs 20 ms; 4x4x256 -> 2x2x512 stride 2: 118
-  vs 8.5 ms); the 7x7 stem and 1x1 projections are no slower as matmuls.
+  vs 8.5 ms); 1x1 projections are no slower as matmuls. The 7x7 stem is
+  native: nothing differentiates the pixels, and without the input gradient
+  XLA's conv runs the stem's forward + weight gradient 3x faster than im2col
+  (64 px, batch 32: 18.7 vs 56.8 CPU ms; the TIRG step -6% CPU, 2026-12-04).
   """
   if conv_impl != "mixed":
     return conv_impl
+  if tuple(kernel_size) == (7, 7):
+    return "xla"
   (pt, pb), (pl, pr) = _explicit_padding(padding, kernel_size)
   h_out = (input_hw[0] + pt + pb - kernel_size[0]) // strides[0] + 1
   w_out = (input_hw[1] + pl + pr - kernel_size[1]) // strides[1] + 1
