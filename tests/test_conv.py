@@ -1,4 +1,5 @@
 """The im2col-matmul convolution equals XLA's native convolution, forward and backward."""
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -54,20 +55,34 @@ def test_auto_and_unknown_impl():
     ((3, 3), (2, 2), ((1, 1), (1, 1)), (2, 8, 8, 3)),
     ((2, 3), (1, 2), ((0, 1), (1, 0)), (1, 7, 6, 2)),
 ])
-def test_max_pool_matmul_equals_nn_max_pool_with_ties(window, strides, padding, shape):
+def test_max_pool_slices_equal_nn_max_pool_with_ties(window, strides, padding, shape):
   # Small integers after a ReLU: many windows hold several equal maxima (and all-zero
   # windows); the gradient must go to the first maximum, as select-and-scatter does.
+  # On this CPU backend conv.max_pool takes the slice lowering for every conv_impl.
   x = jnp.maximum(jax.random.randint(jax.random.key(0), shape, -2, 3).astype(jnp.float32), 0)
-  w = jax.random.normal(jax.random.key(1), jax.eval_shape(
-      lambda x: conv.max_pool(x, window, strides, padding, "xla"), x).shape)
 
-  def loss(x, impl):
-    return jnp.sum(w * conv.max_pool(x, window, strides, padding, impl))
+  def reference(x):
+    return nn.max_pool(x, window, strides=strides, padding=padding)
 
-  np.testing.assert_array_equal(conv.max_pool(x, window, strides, padding, "matmul"),
-                                nn_max_pool := conv.max_pool(x, window, strides, padding, "xla"))
-  assert nn_max_pool.shape == w.shape
-  np.testing.assert_allclose(jax.grad(loss)(x, "matmul"), jax.grad(loss)(x, "xla"), atol=1e-6)
+  w = jax.random.normal(jax.random.key(1), jax.eval_shape(reference, x).shape)
+  expected_grad = jax.grad(lambda x: jnp.sum(w * reference(x)))(x)
+  for impl in ("matmul", "xla"):
+    np.testing.assert_array_equal(conv.max_pool(x, window, strides, padding, impl), reference(x))
+    grad = jax.grad(lambda x: jnp.sum(w * conv.max_pool(x, window, strides, padding, impl)))(x)
+    np.testing.assert_allclose(grad, expected_grad, atol=1e-6)
+  # The slice lowering really is the one that ran: no reduce_window / select-and-scatter.
+  jaxpr = str(jax.make_jaxpr(jax.grad(
+      lambda x: jnp.sum(w * conv.max_pool(x, window, strides, padding, "xla"))))(x))
+  assert "reduce_window" not in jaxpr and "select_and" not in jaxpr, jaxpr
+
+
+def test_max_pool_keeps_nn_max_pool_for_native_convs_off_cpu(monkeypatch):
+  x = jnp.ones((1, 8, 8, 2))
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  pool = lambda impl: str(jax.make_jaxpr(
+      lambda x: conv.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)), impl))(x))
+  assert "reduce_window_max" in pool("xla")
+  assert "reduce_window_max" not in pool("mixed")
 
 
 def test_mixed_picks_per_layer_and_equals_native():

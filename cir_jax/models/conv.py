@@ -129,23 +129,25 @@ class Conv(nn.Module):
 
 
 def max_pool(x, window: Sequence[int], strides: Sequence[int], padding, conv_impl: str = "xla"):
-  """`nn.max_pool` (-inf padding, NHWC) with a cheap gradient when conv_impl == 'matmul'.
+  """`nn.max_pool` (-inf padding, NHWC) with a cheap gradient on CPU.
 
   XLA:CPU lowers the gradient of `nn.max_pool` (select-and-scatter) to a
   scatter with four full-size iota index tensors: ~10% of the ResNet-18 TIRG
-  train step at 64 px in a profile (docs/benchmarks.md). With 'matmul' the
-  pool is a maximum over the window's strided slices and its gradient goes,
-  as select-and-scatter's does, to the first maximum of each window in
-  row-major order, via pads and adds. Same values and gradients.
+  train step at 64 px and ~13% at 224 px in profiles (docs/benchmarks.md). On
+  the CPU backend, and wherever the matmul lowerings are asked for, the pool is
+  a maximum over the window's strided slices and its gradient goes, as
+  select-and-scatter's does, to the first maximum of each window in row-major
+  order, via pads and adds. Same values and gradients.
 
   Args:
     x: [B, H, W, C].
     window: (wh, ww).
     strides: (sh, sw).
     padding: ((top, bottom), (left, right)).
-    conv_impl: 'matmul' or 'mixed' for the slice lowering; others call nn.max_pool.
+    conv_impl: 'matmul' or 'mixed' for the slice lowering on any backend; with
+      'xla' (GPU/TPU, or CPU at large images) only the CPU backend uses it.
   """
-  if conv_impl not in ("matmul", "mixed"):
+  if conv_impl not in ("matmul", "mixed") and jax.default_backend() != "cpu":
     return nn.max_pool(x, tuple(window), strides=tuple(strides), padding=padding)
   return _max_pool(x, tuple(window), tuple(strides), tuple(tuple(p) for p in padding))
 
