@@ -7,7 +7,7 @@ import tempfile
 
 from tests import xla_flags
 
-# Must happen before jax is imported anywhere (tests/xla_flags.py: why level 0).
+# Must happen before jax is imported anywhere (tests/xla_flags.py: which flags and why).
 os.environ.setdefault("XLA_FLAGS", xla_flags.for_devices(8))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # Compile time dominates this suite: many tests (and the trainer subprocesses of the
