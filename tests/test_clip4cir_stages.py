@@ -32,13 +32,19 @@ def test_stage1_is_the_normalised_sum_and_trains_both_towers():
   exp = _build(config)
   model, params = exp.model, exp.state.params
   assert "composer" not in params  # the sum has no parameters
-  query, target, _ = model.apply({"params": params}, BATCH)
-  img = model.apply({"params": params}, BATCH["ref_image"], method=model.encode_target)
-  raw_txt = model.apply({"params": params}, BATCH["text_ids"], BATCH["text_mask"],
-                        method=lambda m, i, k: m.text_encoder(i, k)["projected"])
-  raw_img = model.apply({"params": params}, BATCH["ref_image"], method=lambda m, x: m.image_encoder(
-      (x.astype(jnp.float32) / 255 - jnp.asarray(m.image_encoder.pixel_mean))
-      / jnp.asarray(m.image_encoder.pixel_std))["projected"])
+
+  @jax.jit  # one program: applied op by op, the towers dispatch (and compile) every op
+  def outputs(params):
+    query, _, _ = model.apply({"params": params}, BATCH)
+    img = model.apply({"params": params}, BATCH["ref_image"], method=model.encode_target)
+    raw_txt = model.apply({"params": params}, BATCH["text_ids"], BATCH["text_mask"],
+                          method=lambda m, i, k: m.text_encoder(i, k)["projected"])
+    raw_img = model.apply({"params": params}, BATCH["ref_image"], method=lambda m, x: (
+        m.image_encoder((x.astype(jnp.float32) / 255 - jnp.asarray(m.image_encoder.pixel_mean))
+                        / jnp.asarray(m.image_encoder.pixel_std))["projected"]))
+    return query, img, raw_txt, raw_img
+
+  query, img, raw_txt, raw_img = outputs(params)
   mix = raw_img + raw_txt
   np.testing.assert_allclose(query, mix / np.linalg.norm(mix, axis=1, keepdims=True), atol=1e-5)
   np.testing.assert_allclose(img, raw_img / np.linalg.norm(raw_img, axis=1, keepdims=True),
@@ -48,7 +54,7 @@ def test_stage1_is_the_normalised_sum_and_trains_both_towers():
     q, t, _ = model.apply({"params": p}, BATCH, train=True, rngs={"dropout": jax.random.key(0)})
     return -jnp.mean(jax.nn.log_softmax(100 * q @ t.T)[jnp.arange(4), jnp.arange(4)])
 
-  grads = jax.grad(loss)(params)
+  grads = jax.jit(jax.grad(loss))(params)
   for tower in ("image_encoder", "text_encoder"):
     assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads[tower])) > 0, tower
 
