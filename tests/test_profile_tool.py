@@ -2,6 +2,7 @@
 end-to-end run (no timing assertions: the tool must only not rot)."""
 import gzip
 import json
+import os
 import pathlib
 import sys
 
@@ -42,9 +43,13 @@ def test_trace_is_grouped_per_step_and_host_events_are_left_out(tmp_path):
       ("concatenate.3", 1500), ("concatenate.4", 500), ("ThunkExecutor::Execute", 9000),
       ("$api.py:2479 block_until_ready", 9000), ("PjitFunction(jit(step))", 9000)]]
   events.append({"ph": "i", "name": "ynn_fusion.7"})   # an instant event has no duration
-  (tmp_path / "plugins").mkdir()
-  with gzip.open(tmp_path / "plugins" / "perfetto_trace.json.gz", "wt") as f:
-    json.dump({"traceEvents": events}, f)
+  # An older run's trace in the same directory is ignored: the newest file is read.
+  stale = [{"ph": "X", "name": "stale.1", "dur": 1}]
+  for run, trace in (("0_old_run", stale), ("1_new_run", events)):
+    (tmp_path / run).mkdir()
+    with gzip.open(tmp_path / run / "perfetto_trace.json.gz", "wt") as f:
+      json.dump({"traceEvents": trace}, f)
+  os.utime(tmp_path / "0_old_run" / "perfetto_trace.json.gz", (1, 1))
   totals = prof.thunk_times(str(tmp_path))
   assert totals == {"ynn_fusion.7": 4000, "ynn_fusion.9": 2000, "concatenate.3": 1500,
                     "concatenate.4": 500}

@@ -52,11 +52,12 @@ def fusion_contents(hlo_text: str) -> dict:
 
 
 def thunk_times(trace_dir: str) -> dict:
-  """{thunk name: total microseconds} from the Perfetto trace jax.profiler wrote."""
+  """{thunk name: total microseconds} from the newest Perfetto trace jax.profiler wrote
+  under trace_dir (a reused --trace_dir holds one per run)."""
   files = glob.glob(os.path.join(trace_dir, "**", "*.json.gz"), recursive=True)
   if not files:
     raise FileNotFoundError(f"no Perfetto trace (*.json.gz) under {trace_dir}")
-  with gzip.open(files[0]) as f:
+  with gzip.open(max(files, key=os.path.getmtime)) as f:
     events = json.load(f)
   events = events["traceEvents"] if isinstance(events, dict) else events
   totals = collections.Counter()

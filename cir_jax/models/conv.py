@@ -10,8 +10,10 @@ pads and adds. At 224 px the picture flips: the native lowering is faster
 buffers cost 2.4x the memory. On GPU/TPU the native convolution is the fast
 one. So 'auto' picks the per-layer 'mixed' lowering (native 3x3 convs on maps of
 8x8 and more and the 7x7 stem, matmul below: at 64 px 16% less CPU per TIRG step
-than all-matmul, 2026-12-02, and 6% less again with the native stem, 2026-12-04) only on CPU and only for images up to `AUTO_MATMUL_MAX_PIXELS`
-(docs/benchmarks.md has the measurements; 224 px was not re-measured with 'mixed'). Both lowerings have the same parameters
+than all-matmul, 2026-12-02, and 6% less again with the native stem, 2026-12-04)
+only on CPU and only for images up to `AUTO_MATMUL_MAX_PIXELS`; above, all native
+(at 224 px 'mixed' took 11.48 vs 11.01 CPU s per TIRG step, 2026-12-04;
+docs/benchmarks.md has the measurements). Both lowerings have the same parameters
 ('kernel' [kh, kw, C_in, C_out], optional 'bias'), so checkpoints are shared.
 """
 import functools
