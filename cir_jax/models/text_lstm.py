@@ -8,6 +8,8 @@ outputs and the word embeddings for composers that read the words themselves
 import flax.linen as nn
 import jax.numpy as jnp
 
+from cir_jax.models import fused_lstm
+
 
 class LSTMTextEncoder(nn.Module):
   """Word embedding + single-layer LSTM.
@@ -40,8 +42,9 @@ class LSTMTextEncoder(nn.Module):
     mask = mask.astype(bool)
     words = nn.Embed(self.vocab_size, self.word_dim, name="embed")(ids)
     lengths = jnp.maximum(mask.sum(axis=1), 1)
-    outputs = nn.RNN(nn.OptimizedLSTMCell(self.hidden_dim), name="lstm")(
-        words, seq_lengths=lengths)
+    # nn.RNN(nn.OptimizedLSTMCell(hidden_dim))'s parameters and outputs, hoisted schedule.
+    outputs = fused_lstm.lstm_sequence(words, *fused_lstm.LSTMCellParams(
+        self.word_dim, self.hidden_dim, name="OptimizedLSTMCell_0")())
     last = jnp.take_along_axis(outputs, (lengths - 1)[:, None, None], axis=1)[:, 0]
     pooled = nn.Dense(self.out_dim, name="out")(
         nn.Dropout(self.dropout, deterministic=not train)(last))
