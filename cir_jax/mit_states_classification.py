@@ -23,6 +23,7 @@ nearest prototype (cosine); accuracy is top-1 over the test pairs.
 Only the [N] predictions and the accuracy reach the host.
 """
 import dataclasses
+import functools
 import json
 import pathlib
 from typing import Any
@@ -36,6 +37,7 @@ import optax
 from cir_jax import evaluate as evaluate_lib
 from cir_jax import losses
 from cir_jax import optim
+from cir_jax import xla_cpu
 from cir_jax.data import manual
 from cir_jax.data import mit_states
 from cir_jax.models.composers import tirg as tirg_lib
@@ -152,7 +154,7 @@ class PairVocabulary:
 def make_train_step(model: Table3Model, tx: optax.GradientTransformation):
   """jit step(params, batch_stats, opt_state, x [B, ...], label [B], train_pairs [P, 2])."""
 
-  @jax.jit
+  @functools.partial(jax.jit, compiler_options=xla_cpu.train_compiler_options())
   def step(params, batch_stats, opt_state, x, label, train_pairs):
     def loss_fn(p):
       (image_emb, pair_emb), updates = model.apply(

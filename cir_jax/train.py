@@ -28,6 +28,7 @@ from cir_jax import preemption
 from cir_jax import retrieval
 from cir_jax import seeds as seeds_lib
 from cir_jax import sharding
+from cir_jax import xla_cpu
 from cir_jax.data import device_data
 from cir_jax.data import feature_data
 from cir_jax.utils import logging as log_lib
@@ -99,7 +100,8 @@ def make_train_step(model, tx, loss_config, mesh, data=None, num_seeds: int = 1,
       seeds = first_seed + jnp.arange(num_seeds, dtype=jnp.int32)
       return jax.vmap(one_replica, in_axes=(0, 0 if data is None else None, 0))(
           state, inputs, seeds)
-  return jax.jit(step, donate_argnums=(0,), out_shardings=(replicated, replicated))
+  return jax.jit(step, donate_argnums=(0,), out_shardings=(replicated, replicated),
+                 compiler_options=xla_cpu.train_compiler_options())
 
 
 def _inputs(train_data, start: int):

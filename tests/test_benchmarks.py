@@ -139,3 +139,32 @@ def test_progress_summary_excludes_the_compiling_first_update(monkeypatch):
   progress.update(21)
   # 20 steps x 8 examples in 20 s after the first update: 8.0 examples/s.
   assert progress.summary().startswith("step throughput: 8.0 examples/s (20 steps x 8 in 20.0s")
+
+
+def test_conv_layers_are_resnet18s_and_flops_hand_worked():
+  import benchmark_conv_layers as layers  # pylint: disable=g-import-not-at-top
+  convs = layers.resnet18_convs(224)
+  assert [(name, hw) for name, *_, hw in convs] == [
+      ("stem 7x7/2", 224), ("stage0 3x3", 56), ("stage1 3x3/2", 56), ("stage1 3x3", 28),
+      ("stage2 3x3/2", 28), ("stage2 3x3", 14), ("stage3 3x3/2", 14), ("stage3 3x3", 7)]
+  assert [hw for *_, hw in layers.resnet18_convs(64)] == [64, 16, 16, 8, 8, 4, 4, 2]
+  # stem at 224: 112 x 112 outputs x 7 x 7 x 3 x 64 MACs per image.
+  assert layers.conv_flops(32, 3, 64, 7, 2, 224) == 2 * 32 * 112 * 112 * 7 * 7 * 3 * 64
+  assert layers.conv_flops(1, 64, 128, 3, 2, 56) == 2 * 28 * 28 * 9 * 64 * 128
+
+
+def test_conv_layers_end_to_end_and_restores_the_cpu_affinity(capsys):
+  import benchmark_conv_layers as layers  # pylint: disable=g-import-not-at-top
+  before = os.sched_getaffinity(0)
+  rows = layers.main(["--size", "32", "--batch", "2", "--rounds", "1", "--steps", "1",
+                      "--threads", "1", "--layers", "stem 7x7/2,stage3 3x3"])
+  assert os.sched_getaffinity(0) == before
+  assert [r["layer"] for r in rows] == ["stem 7x7/2", "stage3 3x3"]
+  assert all(r[k] > 0 for r in rows for k in ("torch_fwd", "jax_fwd", "torch_bwd", "jax_bwd"))
+  out = capsys.readouterr().out
+  assert "| stem 7x7/2 | 32x32x3 | xla |" in out and "| stage3 3x3 | 1x1x512 | matmul |" in out
+  # 'auto' follows the network's input size, as the model does: all native above 128 px.
+  rows = layers.main(["--size", "160", "--batch", "1", "--rounds", "1", "--steps", "1",
+                      "--threads", "1", "--layers", "stage3 3x3", "--xla_options", "default"])
+  out = capsys.readouterr().out
+  assert "| stage3 3x3 | 5x5x512 | xla |" in out and "XLA options default" in out

@@ -89,12 +89,14 @@ def test_mixed_picks_per_layer_and_equals_native():
   pad = ((1, 1), (1, 1))
   assert conv.layer_impl("mixed", (16, 16), (3, 3), (1, 1), pad) == "xla"      # 16x16 out
   assert conv.layer_impl("mixed", (16, 16), (3, 3), (2, 2), pad) == "xla"      # 8x8 out
-  assert conv.layer_impl("mixed", (8, 8), (3, 3), (2, 2), pad) == "matmul"     # 4x4 out
+  assert conv.layer_impl("mixed", (8, 8), (3, 3), (2, 2), pad) == "xla"        # 4x4 out
+  assert conv.layer_impl("mixed", (4, 4), (3, 3), (2, 2), pad) == "matmul"     # 2x2 out
+  assert conv.layer_impl("mixed", (2, 2), (3, 3), (1, 1), pad) == "matmul"     # 2x2 out
   assert conv.layer_impl("mixed", (64, 64), (7, 7), (2, 2), ((3, 3), (3, 3))) == "xla"   # stem
   assert conv.layer_impl("mixed", (16, 16), (1, 1), (2, 2), "VALID") == "matmul"
   assert conv.layer_impl("matmul", (64, 64), (3, 3), (1, 1), pad) == "matmul"
-  # ResNetTiny at 32 px: the stem and stage 0 (8x8 maps) native, stage 1 (4x4) as matmuls.
-  x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+  # ResNetTiny at 16 px: the stem and stage 0 (4x4 maps) native, stage 1 (2x2) as matmuls.
+  x = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
   native = hf_resnet.ResNetBasicTiny(conv_impl="xla")
   mixed = hf_resnet.ResNetBasicTiny(conv_impl="mixed")
   variables = native.init(jax.random.key(1), x)

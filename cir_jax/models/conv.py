@@ -8,9 +8,11 @@ the arithmetic on the fast path, and the transposes (for the backward pass) are
 pads and adds. At 224 px the picture flips: the native lowering is faster
 (ResNet-18 TIRG train step, batch 32: 3.46 vs 2.67 examples/s) and the im2col
 buffers cost 2.4x the memory. On GPU/TPU the native convolution is the fast
-one. So 'auto' picks the per-layer 'mixed' lowering (native 3x3 convs on maps of
-8x8 and more and the 7x7 stem, matmul below: at 64 px 16% less CPU per TIRG step
-than all-matmul, 2026-12-02, and 6% less again with the native stem, 2026-12-04)
+one. So 'auto' picks the per-layer 'mixed' lowering (native 3x3 convs with
+outputs of 4x4 and more and the 7x7 stem, matmul below: at 64 px 16% less CPU
+per TIRG step than all-matmul, 2026-12-02, 6% less again with the native stem,
+and 3% less with 4x4 maps native once training steps run native convolutions
+in Eigen (cir_jax/xla_cpu.py), 2026-12-04)
 only on CPU and only for images up to `AUTO_MATMUL_MAX_PIXELS`; above, all native
 (at 224 px 'mixed' took 11.48 vs 11.01 CPU s per TIRG step, 2026-12-04;
 docs/benchmarks.md has the measurements). Both lowerings have the same parameters
@@ -27,7 +29,7 @@ CONV_IMPLS = ("auto", "xla", "matmul", "mixed")
 AUTO_MATMUL_MAX_PIXELS = 128 * 128   # CPU: matmul up to 128 px images, native above
 # 'mixed': XLA's native convolution for the 7x7 stem and for 3x3 convolutions with
 # outputs of at least this many pixels (per image), the matmul lowering for all others.
-MIXED_NATIVE_MIN_OUT_PIXELS = 8 * 8
+MIXED_NATIVE_MIN_OUT_PIXELS = 4 * 4
 
 
 def layer_impl(conv_impl: str, input_hw: Sequence[int], kernel_size: Sequence[int],
@@ -36,9 +38,12 @@ def layer_impl(conv_impl: str, input_hw: Sequence[int], kernel_size: Sequence[in
 
   Measured on XLA:CPU (jax 0.10, fwd + bwd, batch 32; docs/benchmarks.md): the
   native 3x3 convolution beats the matmul lowering on maps of 8x8 and more
-  (16x16x64: 30 vs 57 ms; 56x56x64: 0.77 vs 1.09 s) and collapses on small maps
-  with many channels (2x2x512: 926 vs 20 ms; 4x4x256 -> 2x2x512 stride 2: 118
-  vs 8.5 ms); 1x1 projections are no slower as matmuls. The 7x7 stem is
+  (16x16x64: 30 vs 57 ms; 56x56x64: 0.77 vs 1.09 s) and, with the training
+  step's Eigen convolutions (cir_jax/xla_cpu.py), on 4x4 outputs too (4x4x256:
+  17.5 vs 20.1 ms, one core; the TIRG step at 64 px 464 -> 450 ms); it
+  collapses on 2x2 outputs with many channels (2x2x512: 546 vs 14 ms; 4x4x256
+  -> 2x2x512 stride 2: 135 vs 6.4 ms, the input gradient); 1x1 projections are
+  no slower as matmuls. The 7x7 stem is
   native: nothing differentiates the pixels, and without the input gradient
   XLA's conv runs the stem's forward + weight gradient 3x faster than im2col
   (64 px, batch 32: 18.7 vs 56.8 CPU ms; the TIRG step -6% CPU, 2026-12-04).
