@@ -33,21 +33,34 @@ import jax  # pylint: disable=g-import-not-at-top
 _NOT_A_THUNK = re.compile(r"^(\$|end: )|::|PjitFunction|PjRt|Execute|Await")
 
 
+def _describe(line: str):
+  """'conv f32[..] window=...' / 'dot f32[..] lhs_contracting_dims=...' for an HLO line, else None."""
+  op = re.search(r"= (\S+) (convolution|dot)\(.*?\)(.*)", line)
+  if not op:
+    return None
+  dims = re.search(r"(window=\{[^}]*\}|lhs_contracting_dims=\{[^}]*\})", op.group(3))
+  kind = "conv" if op.group(2) == "convolution" else "dot"
+  return f"{kind} {op.group(1)} {dims.group(1) if dims else ''}".strip()
+
+
 def fusion_contents(hlo_text: str) -> dict:
   """{instruction name: 'conv f32[..] window=...' | 'dot f32[..] lhs_contracting_dims=...'}
-  for every fusion / custom call of the module whose called computation holds one."""
+  for every fusion / custom call of the module whose called computation holds one (YNNPACK's
+  library fusions), and every convolution or dot that is its own thunk (Eigen's)."""
   bodies = {m.group(1): m.group(2) for m in re.finditer(
       r"^(?:ENTRY )?%?([\w.\-]+) [^\n]*\{\n(.*?)^\}", hlo_text, re.S | re.M)}
   contents = {}
   for m in re.finditer(r"%?([\w.\-]+) = [^\n]*?(?:fusion|custom-call)\([^\n]*?calls=%?([\w.\-]+)",
                        hlo_text):
     for line in bodies.get(m.group(2), "").splitlines():
-      op = re.search(r"= (\S+) (convolution|dot)\(.*?\)(.*)", line)
-      if op:
-        dims = re.search(r"(window=\{[^}]*\}|lhs_contracting_dims=\{[^}]*\})", op.group(3))
-        kind = "conv" if op.group(2) == "convolution" else "dot"
-        contents[m.group(1)] = f"{kind} {op.group(1)} {dims.group(1) if dims else ''}".strip()
+      what = _describe(line)
+      if what:
+        contents[m.group(1)] = what
         break
+  for m in re.finditer(r"^\s*(?:ROOT )?%?([\w.\-]+) = ([^\n]*)", hlo_text, re.M):
+    what = _describe("= " + m.group(2))
+    if what and m.group(1) not in contents:
+      contents[m.group(1)] = what
   return contents
 
 
