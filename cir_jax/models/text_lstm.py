@@ -44,7 +44,7 @@ class LSTMTextEncoder(nn.Module):
     lengths = jnp.maximum(mask.sum(axis=1), 1)
     # nn.RNN(nn.OptimizedLSTMCell(hidden_dim))'s parameters and outputs, hoisted schedule.
     outputs = fused_lstm.lstm_sequence(words, *fused_lstm.LSTMCellParams(
-        self.word_dim, self.hidden_dim, name="OptimizedLSTMCell_0")())
+        self.hidden_dim, name="OptimizedLSTMCell_0")(words))
     last = jnp.take_along_axis(outputs, (lengths - 1)[:, None, None], axis=1)[:, 0]
     pooled = nn.Dense(self.out_dim, name="out")(
         nn.Dropout(self.dropout, deterministic=not train)(last))
