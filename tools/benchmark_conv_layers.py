@@ -69,17 +69,15 @@ def _jax_layer(conv_lib, jax, jnp, c_in, c_out, kernel, stride, hw, batch, conv_
   key = jax.random.PRNGKey(0)
   x = jax.random.normal(key, (batch, hw, hw, c_in), jnp.float32)
   w = 0.05 * jax.random.normal(key, (kernel, kernel, c_in, c_out), jnp.float32)
-  y = jax.jit(conv)(x, w)
-  dy = jnp.ones_like(y)
-  stem = c_in == 3
+  y = jax.eval_shape(conv, x, w)
+  dy = jnp.ones(y.shape, y.dtype)
   jit = lambda f: jax.jit(f, compiler_options=options)
-  fns = {
-      "fwd": (jit(conv), (x, w)),
-      "bwd": (jit(lambda x, w, dy: jax.vjp(lambda w: conv(x, w), w)[1](dy) if stem
-                  else jax.vjp(conv, x, w)[1](dy)), (x, w, dy)),
-      "wgrad": (jit(lambda x, w, dy: jax.vjp(lambda w: conv(x, w), w)[1](dy)), (x, w, dy)),
-  }
-  if not stem:
+  wgrad = jit(lambda x, w, dy: jax.vjp(lambda w: conv(x, w), w)[1](dy))
+  fns = {"fwd": (jit(conv), (x, w)), "wgrad": (wgrad, (x, w, dy))}
+  if c_in == 3:   # the stem: nothing differentiates the pixels, its backward is its wgrad
+    fns["bwd"] = fns["wgrad"]
+  else:
+    fns["bwd"] = (jit(lambda x, w, dy: jax.vjp(conv, x, w)[1](dy)), (x, w, dy))
     fns["dgrad"] = (jit(lambda x, w, dy: jax.vjp(lambda x: conv(x, w), x)[1](dy)), (x, w, dy))
   runners = {}
   for name, (fn, args) in fns.items():
@@ -92,13 +90,13 @@ def _torch_layer(torch, c_in, c_out, kernel, stride, hw, batch):
   x = torch.randn(batch, c_in, hw, hw, requires_grad=c_in != 3)
   w = (0.05 * torch.randn(c_out, c_in, kernel, kernel)).requires_grad_()
   conv = torch.nn.functional.conv2d
-  dy = torch.ones_like(conv(x, w, stride=stride, padding=kernel // 2))
 
   def fwd():
     with torch.no_grad():
       conv(x, w, stride=stride, padding=kernel // 2)
 
   y = conv(x, w, stride=stride, padding=kernel // 2)
+  dy = torch.ones_like(y)
   wrt = [x, w] if x.requires_grad else [w]
 
   def bwd():  # the backward alone: the graph of y is kept and re-run
