@@ -46,7 +46,8 @@ def _describe(line: str):
 def fusion_contents(hlo_text: str) -> dict:
   """{instruction name: 'conv f32[..] window=...' | 'dot f32[..] lhs_contracting_dims=...'}
   for every fusion / custom call of the module whose called computation holds one (YNNPACK's
-  library fusions), and every convolution or dot that is its own thunk (Eigen's)."""
+  library fusions), and for every convolution or dot instruction by its own name: Eigen's run
+  as their own thunks; those inside fused computations never show up in a trace."""
   bodies = {m.group(1): m.group(2) for m in re.finditer(
       r"^(?:ENTRY )?%?([\w.\-]+) [^\n]*\{\n(.*?)^\}", hlo_text, re.S | re.M)}
   contents = {}
