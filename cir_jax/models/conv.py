@@ -93,6 +93,80 @@ def conv_as_matmul(x, kernel, strides: Sequence[int], padding):
   return jnp.einsum("bhwk,ko->bhwo", patches, kernel.reshape(kh * kw * c_in, c_out))
 
 
+def _native_conv(x, kernel, strides, padding, **dilation):
+  """lax.conv_general_dilated on NHWC inputs and HWIO kernels (`dilation`: lhs_ / rhs_dilation)."""
+  return jax.lax.conv_general_dilated(x, kernel, strides, padding, **dilation,
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def native_conv_cpu(x, kernel, strides, padding):
+  """XLA's native convolution (NHWC, HWIO) whose weight gradient reads x from memory.
+
+  Same values and gradients as `jax.lax.conv_general_dilated`. Why: XLA:CPU
+  computes the weight gradient as a convolution over x transposed to
+  [C_in, H, W, B], and when x is an elementwise function of a stored tensor (a
+  ReLU of BatchNorm, as in every ResNet) its fusion pass recomputes that function
+  inside the transpose, which reads the stored tensor with a stride of H*W*C per
+  element: 80-105 ms for one 56x56x64 map at batch 32 on one core, against ~9 ms
+  for a plain transpose of x. Behind `_materialized` the transpose reads the x
+  the forward pass already stored: the ResNet-18 TIRG train step, batch 32,
+  2 cores, alternated, 2026-12-05: 224 px 5000 -> 4572 ms, 64 px 448 -> 429 ms
+  (docs/benchmarks.md). Arguments and result as in `conv_as_matmul`. Being a
+  custom VJP, it has no forward-mode derivative (`jax.jvp`); off CPU `Conv` uses
+  the plain convolution.
+  """
+  return _native_conv(x, kernel, strides, padding)
+
+
+def _native_conv_cpu_fwd(x, kernel, strides, padding):
+  return _native_conv(x, kernel, strides, padding), (x, kernel)
+
+
+def _native_conv_cpu_bwd(strides, padding, residuals, g):
+  """Both gradients as convolutions in XLA:CPU's canonical NHWC / HWIO form.
+
+  What XLA's autodiff would compute, written out: XLA canonicalises the
+  transposed convolutions of autodiff (dims f01b_i01o, kernel 01oi) by adding
+  transposes, but not inside while-loop bodies, where they then run ~150x slower
+  (a train step under `lax.scan`, 2026-12-05); spelled out here, they are the same
+  fast Eigen convolutions everywhere.
+  """
+  x, kernel = residuals
+  kh, kw = kernel.shape[:2]
+  (pt, _), (pl, _) = padding
+  (h, w), (h_out, w_out) = x.shape[1:3], g.shape[1:3]
+  # dL/dx: g, dilated by the strides, against the flipped kernel with C_in and C_out swapped.
+  flipped = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)      # [kh, kw, C_out, C_in]
+  before_h, before_w = kh - 1 - pt, kw - 1 - pl
+  after_h = h + kh - 1 - ((h_out - 1) * strides[0] + 1) - before_h
+  after_w = w + kw - 1 - ((w_out - 1) * strides[1] + 1) - before_w
+  dx = _native_conv(g, flipped, (1, 1), ((before_h, after_h), (before_w, after_w)),
+                    lhs_dilation=strides)
+  # dL/dkernel: x as [C_in, H, W, B] against g as [H_out, W_out, B, C_out], dilated by the strides.
+  stored = _materialized(x, kernel.reshape(-1)[0])
+  after_h = kh - h - pt + (h_out - 1) * strides[0]
+  after_w = kw - w - pl + (w_out - 1) * strides[1]
+  dk = _native_conv(jnp.transpose(stored, (3, 1, 2, 0)), jnp.transpose(g, (1, 2, 0, 3)),
+                    (1, 1), ((pt, after_h), (pl, after_w)), rhs_dilation=strides)  # [C_in, kh, kw, C_out]
+  return dx, jnp.transpose(dk, (1, 2, 0, 3))
+
+
+native_conv_cpu.defvjp(_native_conv_cpu_fwd, _native_conv_cpu_bwd)
+
+
+def _materialized(x, probe):
+  """x, as a tensor XLA cannot fuse into its consumers (it reads the stored buffer).
+
+  XLA:CPU drops optimization barriers before fusion, but not a conditional whose
+  predicate it cannot evaluate at compile time and whose branches differ. The
+  predicate `probe == probe` (probe: one kernel entry, replicated on every device,
+  so no communication) is false only for a NaN probe; that branch returns x * NaN,
+  which a NaN weight gives the gradients anyway.
+  """
+  return jax.lax.cond(probe == probe, lambda v: v, lambda v: v * probe, x)
+
+
 def _explicit_padding(padding, kernel_size):
   if padding == "SAME":
     return tuple(((k - 1) // 2, k // 2) for k in kernel_size)
@@ -126,9 +200,10 @@ class Conv(nn.Module):
     x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
     if impl == "matmul":
       y = conv_as_matmul(x, kernel, self.strides, padding)
+    elif jax.default_backend() == "cpu":
+      y = native_conv_cpu(x, kernel, tuple(self.strides), padding)
     else:
-      y = jax.lax.conv_general_dilated(x, kernel, tuple(self.strides), padding,
-                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      y = _native_conv(x, kernel, tuple(self.strides), padding)
     if self.use_bias:
       y = y + self.param("bias", nn.initializers.zeros, (self.features,),
                          self.param_dtype).astype(self.dtype)
