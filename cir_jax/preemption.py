@@ -1,17 +1,18 @@
 """Stop training cleanly on SIGTERM / SIGINT (preemption, Ctrl-C).
 
 The handler only sets a flag; the training loop polls `requested(step)` after
-each step, saves a checkpoint of the step it just finished and returns. Doing
+each call of the train step (one step, or `steps_per_call` steps), saves a checkpoint of the step it just finished and returns. Doing
 nothing else inside the handler matters: it runs between two Python bytecodes
 of the main thread, possibly in the middle of a print or of an Orbax save.
 
 Multi-process runs: a scheduler usually signals every process, but not at the
 same instant, and a process that stops alone would leave the others waiting in
 a collective forever. So with several processes the flags are combined with
-one tiny all-gather every `sync_every` steps, and all processes stop at the
-same (synchronised) step; between those steps a signal is only remembered.
-The latency of a stop is therefore up to `sync_every` steps; keep it well
-inside the scheduler's grace period. One process alone checks every step.
+one tiny all-gather after each call that reaches a multiple of `sync_every`
+steps, and all processes stop at the same (synchronised) step; between those
+steps a signal is only remembered. The latency of a stop is therefore up to
+`sync_every` steps (or one call, if that is longer); keep it well
+inside the scheduler's grace period. One process alone checks after every call.
 
 A second signal while the first is pending raises KeyboardInterrupt (stop now,
 without saving), so a stuck run can still be interrupted.
@@ -77,11 +78,15 @@ class StopRequest:
   def name(self) -> str:
     return signal.Signals(self.received).name if self.received is not None else "none"
 
-  def requested(self, step: int) -> bool:
-    """True iff every process should stop after `step` (the same answer on all of them)."""
+  def requested(self, step: int, steps_done: int = 1) -> bool:
+    """True iff every process should stop after `step` (the same answer on all of them).
+
+    `steps_done`: steps the last call ran (step - steps_done, step]; processes
+    agree when those crossed a multiple of sync_every.
+    """
     if jax.process_count() == 1:
       return self.received is not None
-    if step % self.sync_every:
+    if step // self.sync_every == (step - steps_done) // self.sync_every:
       return False
     flags = multihost_utils.process_allgather(np.int32(self.received is not None))
     return bool(np.any(flags))

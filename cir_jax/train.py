@@ -44,7 +44,7 @@ IN_STEP_DATA = (device_data.DeviceTrainData, feature_data.FeatureTrainData)
 
 
 def make_train_step(model, tx, loss_config, mesh, data=None, num_seeds: int = 1,
-                    first_seed: int = 0):
+                    first_seed: int = 0, steps_per_call: int = 1):
   """Returns step(state, inputs) -> (state, metrics), jitted with the state donated.
 
   `inputs` is a batch (dict of global arrays, what TrainPipeline or HostFeatureData
@@ -56,7 +56,17 @@ def make_train_step(model, tx, loss_config, mesh, data=None, num_seeds: int = 1,
   the step is vmapped over them: host batches are stacked too ([S, B, ...]),
   device data draw replica i's batch in the order of seed first_seed + i; every
   metric comes back as [S].
+
+  With steps_per_call = K > 1 one call runs K consecutive steps in a `lax.scan`
+  (the same steps, in order) and every metric comes back stacked, [K] or [K, S];
+  host `inputs` are then a sequence of K batches (device data: the tables, as
+  for one step). Why: XLA:CPU maps its temporary buffer afresh on every
+  execution, so every step touches new zero pages (58k page faults per ResNet-18
+  step at 64 px, 12% of its CPU time); one call of K steps maps it once
+  (docs/benchmarks.md).
   """
+  if steps_per_call < 1:
+    raise ValueError(f"steps_per_call={steps_per_call} must be >= 1")
   loss_fn, loss_spec = losses.get_loss(loss_config)
   replicated = sharding.replicated(mesh)
 
@@ -100,18 +110,72 @@ def make_train_step(model, tx, loss_config, mesh, data=None, num_seeds: int = 1,
       seeds = first_seed + jnp.arange(num_seeds, dtype=jnp.int32)
       return jax.vmap(one_replica, in_axes=(0, 0 if data is None else None, 0))(
           state, inputs, seeds)
+  if steps_per_call > 1:
+    step = _scanned(step, steps_per_call, host_batches=data is None)
   return jax.jit(step, donate_argnums=(0,), out_shardings=(replicated, replicated),
                  compiler_options=xla_cpu.train_compiler_options())
 
 
+def _scanned(step, k: int, host_batches: bool):
+  """step(state, inputs) run k times in one lax.scan; metrics stacked [k, ...].
+
+  Host inputs: a sequence of k batches, stacked inside the program (the scan's
+  xs); otherwise the same `inputs` (device-resident tables) for every step.
+  """
+  def steps(state, inputs):
+    if not host_batches:
+      return jax.lax.scan(lambda s, _: step(s, inputs), state, None, length=k)
+    if len(inputs) != k:
+      raise ValueError(f"a call of steps_per_call={k} steps takes {k} host batches, "
+                       f"got {len(inputs)}")
+    return jax.lax.scan(step, state, jax.tree.map(lambda *b: jnp.stack(b), *inputs))
+  return steps
+
+
+def call_sizes(start: int, num_steps: int, steps_per_call: int):
+  """How many steps each call runs, from step `start` (done) to `num_steps`.
+
+  Calls of steps_per_call steps cover every whole block (k * steps_per_call,
+  (k + 1) * steps_per_call]; steps before the first block boundary (a run resumed
+  from a step that is not a multiple, e.g. saved when preempted) and after the
+  last one (num_steps not a multiple) run one per call. So a call always ends on
+  a multiple of steps_per_call or in those margins, and logging, checkpoint and
+  evaluation steps (multiples of it, `check_steps_per_call`) end a call.
+  """
+  step, k = start, steps_per_call
+  while step < num_steps:
+    size = k if step % k == 0 and step + k <= num_steps else 1
+    yield size
+    step += size
+
+
+def check_steps_per_call(config):
+  """ValueError unless log, checkpoint and eval intervals are multiples of steps_per_call."""
+  k = config.get("steps_per_call", 1)
+  if not isinstance(k, int) or k < 1:
+    raise ValueError(f"steps_per_call={k!r} must be an integer >= 1")
+  for field in ("log_every_steps", "checkpoint_every_steps", "eval_every_steps"):
+    if config[field] % k:
+      raise ValueError(
+          f"{field}={config[field]} is not a multiple of steps_per_call={k}: logging, "
+          f"checkpoints and evaluation happen between calls of {k} steps; make {field} a "
+          f"multiple of {k} or lower steps_per_call")
+
+
 def _inputs(train_data, start: int):
-  """What each step takes: the next host batch, or the same device-resident tables."""
+  """next_inputs(k): what a call of k steps takes: k host batches (one, unwrapped,
+  for k = 1), or the same device-resident tables."""
   if isinstance(train_data, IN_STEP_DATA):
-    def tables():
-      while True:
-        yield train_data.tables
-    return tables()
-  return train_data.batches(start)
+    return lambda k: train_data.tables, lambda: None
+  batches = train_data.batches(start)
+  def next_inputs(k):
+    return next(batches) if k == 1 else tuple(next(batches) for _ in range(k))
+  return next_inputs, batches.close
+
+
+def _last_step(metrics, k: int):
+  """The metrics of a call's last step (a call of k > 1 steps stacks them [k, ...])."""
+  return metrics if k == 1 else jax.tree.map(lambda m: m[-1], metrics)
 
 
 def check_finite(metrics: dict, step: int, when: str):
@@ -137,6 +201,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     {'preempted': True, 'step', 'signal'} if a signal stopped training.
   """
   experiment_lib.check_config(config)  # a bad name fails before any file is written
+  check_steps_per_call(config)
   workdir = workdir_lib.check_workdir(workdir, create=True)
   log = log_lib.Logger(workdir)
   experiment, train_data = experiment_lib.setup_training(config, workdir, log)
@@ -157,18 +222,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   progress = log_lib.Progress(config.num_train_steps, start, config.batch_size)
   results = {}
   on_device = isinstance(train_data, IN_STEP_DATA)
-  train_step = make_train_step(model, experiment.tx, config.loss, mesh,
-                               data=train_data if on_device else None, num_seeds=num_seeds,
-                               first_seed=config.seed)
-  batches = _inputs(train_data, start)
+  steps_per_call = config.get("steps_per_call", 1)
+  step_fns = {}  # calls of steps_per_call steps, and of single steps where those do not fit
+
+  def train_step(k):
+    if k not in step_fns:
+      step_fns[k] = make_train_step(model, experiment.tx, config.loss, mesh,
+                                    data=train_data if on_device else None,
+                                    num_seeds=num_seeds, first_seed=config.seed,
+                                    steps_per_call=k)
+    return step_fns[k]
+
+  next_inputs, close_inputs = _inputs(train_data, start)
   stop = preemption.StopRequest(config.preemption_sync_every_steps)
+  step = start
   with stop:
-    for step in range(start + 1, config.num_train_steps + 1):
-      state, metrics = train_step(state, next(batches))
+    for k in call_sizes(start, config.num_train_steps, steps_per_call):
+      state, metrics = train_step(k)(state, next_inputs(k))
+      first, step = step == start, step + k
       last = step == config.num_train_steps
-      stopping = not last and stop.requested(step)
-      if step == start + 1 or step % config.log_every_steps == 0 or last or stopping:
-        metrics = jax.device_get(metrics)
+      stopping = not last and stop.requested(step, steps_done=k)
+      logging = first or step % config.log_every_steps == 0 or last or stopping
+      if logging:
+        metrics = _last_step(jax.device_get(metrics), k)
         check_finite(metrics, step, "logging step")
         if num_seeds > 1:  # log the mean (+ each seed's loss), check the worst replica
           metrics, worst = seeds_lib.host_scalars(metrics)
@@ -180,7 +256,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         writer.scalars(step, metrics)
         log(progress.line(step, metrics))
       if step % config.checkpoint_every_steps == 0 or last or stopping:
-        scalars = jax.device_get({k: metrics[k] for k in FINITE_METRICS})
+        scalars = {m: metrics[m] for m in FINITE_METRICS}  # on the host if logged
+        if not logging:
+          scalars = _last_step(jax.device_get(scalars), k)
         check_finite(scalars, step, "before saving a checkpoint")
         if num_seeds > 1 and np.ndim(scalars["loss"]):
           scalars = seeds_lib.host_scalars(scalars)[1]
@@ -189,7 +267,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if stopping:
         manager.wait_until_finished()
         manager.close()
-        batches.close()
+        close_inputs()
         writer.close()
         log(f"{stop.name}: saved a checkpoint at step {step} and stopped; run the same "
             f"command to resume from it")
@@ -197,13 +275,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if step % config.eval_every_steps == 0 or last:
         eval_start = time.perf_counter()
         results = evaluate_lib.evaluate_state(evaluator, state, config)
-        writer.scalars(step, {**{f"eval/{k}": v for k, v in results["metrics"].items()},
+        writer.scalars(step, {**{f"eval/{name}": v for name, v in results["metrics"].items()},
                               "perf/eval_sec": time.perf_counter() - eval_start})
         log(evaluate_lib.format_table(results))
   log(progress.summary())  # `make demo` reports its training examples/s here
   manager.wait_until_finished()
   manager.close()
-  batches.close()  # stops the input pipeline's prefetching threads now, not at exit
+  close_inputs()  # stops the input pipeline's prefetching threads now, not at exit
   if not results:  # nothing left to train: evaluate the restored state
     results = evaluate_lib.evaluate_state(evaluator, state, config)
     log(evaluate_lib.format_table(results))
