@@ -116,7 +116,7 @@ def test_alternated_run_end_to_end(stand_in_dir, monkeypatch):
   args = vs.parse_args(["--tirg_dir", str(stand_in_dir), "--batch", "4", "--threads", "1",
                         "--rounds", "2", "--steps", "1", "--warmup", "0", "--peak_n", "64",
                         "--image_encoder", "resnet_tiny", "--conv_impl", "matmul",
-                        "--embed_dim", "8", "--text_len", "3"])
+                        "--embed_dim", "8", "--text_len", "3", "--steps_per_call", "2"])
   lines = []
   result = vs.compare(args, 16, log=lines.append)
   assert [l.split()[3] for l in lines] == ["torch", "jax", "jax", "torch"]  # A/B, B/A
@@ -125,6 +125,21 @@ def test_alternated_run_end_to_end(stand_in_dir, monkeypatch):
     assert 0 < s["min"] <= s["median"] <= s["max"] and s["pct_peak"] > 0
   assert len(result["round_ratios"]) == 2 and result["ratio"] > 0
   assert result["flops_per_step"] > 0 and result["xla_flops_per_step"] > 0
+
+
+def test_a_call_of_k_steps_reports_one_steps_flops():
+  """XLA counts a while loop's body once: step_flops of a K-step call is one step's."""
+  import benchmark  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from cir_jax import experiment  # pylint: disable=g-import-not-at-top
+  from tests import fakes  # pylint: disable=g-import-not-at-top
+  rows = {}
+  for k in (1, 3):
+    config = fakes.tiny_config(steps_per_call=k)
+    mesh = experiment.make_mesh(config, jax.devices()[:1])
+    rows[k] = benchmark.bench_config(config, mesh, warmup=1, steps=1)
+  assert rows[1]["flops"] > 0 and rows[3]["examples/s"] > 0
+  np.testing.assert_allclose(rows[3]["flops"], rows[1]["flops"], rtol=0.01)
 
 
 def test_progress_summary_excludes_the_compiling_first_update(monkeypatch):

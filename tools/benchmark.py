@@ -3,6 +3,7 @@
   python tools/benchmark.py                          # TIRG, ResNet-18, batch 32, 64 and 224 px
   python tools/benchmark.py --sizes 64 --composer concat --image_encoder resnet_small
   python tools/benchmark.py --negatives local,global --devices 8   # (with 8 fake CPU devices)
+  python tools/benchmark.py --sizes 64 --steps_per_call 1,4    # steps per compiled call
 
 Prints, per setting: examples/s and step time (median of timed steps), compile
 time (separately), XLA-reported FLOPs per step (all devices: per-device cost x
@@ -103,7 +104,8 @@ def bench_config(config, mesh, warmup: int = 2, steps: int = 10, vocab=None) -> 
   temp bytes of one device's program), 'device peak MB', 'max RSS MB'}. `vocab`
   replaces the word vocabulary of the split's texts (random ids for full-size
   pretrained text towers). With config.num_seeds = S the step trains S replicas
-  (examples/s counts all of them).
+  (examples/s counts all of them). With config.steps_per_call = K each timed call
+  runs K steps ('step ms' is a call's time / K; `steps` counts calls).
   """
   b, size = config.batch_size, config.data.image_size
   split = random_data.random_split(num_images=2 * b, num_queries=2 * b, image_size=size)
@@ -114,14 +116,13 @@ def bench_config(config, mesh, warmup: int = 2, steps: int = 10, vocab=None) -> 
   exp = experiment.build(config, mesh, vocab)
   state = exp.state
   num_seeds = seeds.num_seeds(config)
+  k = config.get("steps_per_call", 1)
   step = train.make_train_step(exp.model, exp.tx, config.loss, mesh, data=data,
-                               num_seeds=num_seeds, first_seed=config.seed)
+                               num_seeds=num_seeds, first_seed=config.seed, steps_per_call=k)
   t = time.perf_counter()
   compiled = step.lower(state, data.tables).compile()
   compile_s = time.perf_counter() - t
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  flops = float((cost or {}).get("flops", float("nan")))
+  flops = step_flops(compiled)
   memory = compiled.memory_analysis()
   program = sum(getattr(memory, f, 0) or 0 for f in (
       "argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes"))
@@ -134,7 +135,7 @@ def bench_config(config, mesh, warmup: int = 2, steps: int = 10, vocab=None) -> 
     t = time.perf_counter()
     state, metrics = compiled(state, data.tables)
     jax.block_until_ready(metrics)
-    times.append(time.perf_counter() - t)
+    times.append((time.perf_counter() - t) / k)
   step_s = statistics.median(times)
   # cost_analysis() describes the partitioned per-device program: the step's total
   # is mesh.size times it.
@@ -143,14 +144,30 @@ def bench_config(config, mesh, warmup: int = 2, steps: int = 10, vocab=None) -> 
           "device peak MB": device_peak_bytes() / 2**20, "max RSS MB": max_rss_mb()}
 
 
+def step_flops(compiled) -> float:
+  """XLA's FLOP count of one train step of a compiled call (per-device program).
+
+  XLA's cost analysis counts a while loop's body once, whatever its trip count,
+  so a call of K steps (one lax.scan) reports one step's FLOPs
+  (tests/test_benchmarks.py checks K = 1 and K = 3 agree).
+  """
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float((cost or {}).get("flops", float("nan")))
+
+
 def build_train_step(composer="tirg", image_encoder="resnet18", dtype="float32",
                      conv_impl="auto", negatives="global", batch=32, image_size=64,
-                     devices=0, text_len=8, loss="soft_triplet", embed_dim=512):
+                     devices=0, text_len=8, loss="soft_triplet", embed_dim=512,
+                     steps_per_call=1):
   """Compiles our train step on random data fed by the tf.data pipeline (host batches).
 
+  With steps_per_call = K > 1 one call of the compiled step runs K steps and
+  takes a tuple of K batches (cir_jax/train.py); its FLOPs are still per step.
+
   Returns:
-    (compiled step, state, batch iterator, compile seconds, XLA FLOPs of the
-    per-device program, compiled temp MB, mesh).
+    (compiled step, state, batch iterator, compile seconds, XLA FLOPs of one
+    step of the per-device program, compiled temp MB, mesh).
   """
   from cir_jax.data import pipeline  # pylint: disable=g-import-not-at-top  (TensorFlow)
   config = common.base_config()
@@ -170,25 +187,27 @@ def build_train_step(composer="tirg", image_encoder="resnet18", dtype="float32",
   data = pipeline.TrainPipeline(split, vocab, text_len, batch, mesh, 0, image_size)
   exp = experiment.build(config, mesh, vocab)
   batches = data.batches(0)
-  step = train.make_train_step(exp.model, exp.tx, config.loss, mesh)
+  step = train.make_train_step(exp.model, exp.tx, config.loss, mesh, steps_per_call=steps_per_call)
+  example = next(batches)
   t = time.perf_counter()
-  compiled = step.lower(exp.state, next(batches)).compile()
+  compiled = step.lower(exp.state, example if steps_per_call == 1 else
+                        (example,) * steps_per_call).compile()
   compile_s = time.perf_counter() - t
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  flops = float(cost.get("flops", float("nan")))
+  flops = step_flops(compiled)
   memory = compiled.memory_analysis()
   temp_mb = getattr(memory, "temp_size_in_bytes", 0) / 2**20
   return compiled, exp.state, batches, compile_s, flops, temp_mb, mesh
 
 
-def bench_train_step(args, image_size: int, negatives: str, conv_impl: str, peak: float) -> dict:
+def bench_train_step(args, image_size: int, negatives: str, conv_impl: str, peak: float,
+                     steps_per_call: int = 1) -> dict:
   config = common.base_config()
   config.model.composer = args.composer
   config.model.image_encoder = args.image_encoder
   config.model.dtype = args.dtype
   config.model.conv_impl = conv_impl
   config.loss.negatives = negatives
+  config.steps_per_call = steps_per_call
   config.batch_size = config.eval.batch_size = args.batch
   config.data.image_size, config.data.max_text_len = image_size, 8
   mesh = experiment.make_mesh(config, jax.devices()[:args.devices] if args.devices else None)
@@ -198,7 +217,7 @@ def bench_train_step(args, image_size: int, negatives: str, conv_impl: str, peak
   # peak, while accelerators each add their own.
   machine_peak = peak if jax.default_backend() == "cpu" else peak * mesh.size
   return {"setting": f"{args.composer}/{args.image_encoder} {image_size}px b{args.batch} "
-                     f"{args.dtype} {negatives} conv={conv_impl} x{mesh.size}dev",
+                     f"{args.dtype} {negatives} conv={conv_impl} x{mesh.size}dev K={steps_per_call}",
           "examples/s": r["examples/s"], "step ms": r["step ms"], "compile s": r["compile s"],
           "GFLOP/step": r["flops"] / 1e9,
           "% of peak": 100 * r["flops"] / (r["step ms"] / 1e3) / machine_peak,
@@ -216,16 +235,19 @@ def main():
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--devices", type=int, default=0, help="0 = all")
   parser.add_argument("--negatives", default="global", help="global,local to compare")
-  parser.add_argument("--conv_impl", default="xla,matmul",
-                      help="ResNet conv lowerings to compare (see cir_jax/models/conv.py)")
+  parser.add_argument("--conv_impl", default="auto",
+                      help="ResNet conv lowerings to compare, e.g. auto,xla,matmul "
+                           "(cir_jax/models/conv.py; the trainer's default is auto)")
+  parser.add_argument("--steps_per_call", default="1",
+                      help="train steps per compiled call to compare, e.g. 1,4 (cir_jax/train.py)")
   args = parser.parse_args()
   print(f"backend {jax.default_backend()}, {jax.device_count()} device(s), "
         f"{os.cpu_count()} CPU cores")
   peak = measure_peak_flops()
   print(f"measured peak: {peak / 1e9:.1f} GFLOP/s (float32 2048^3 matmul, best of 10)")
-  rows = [bench_train_step(args, int(size), neg, impl, peak)
+  rows = [bench_train_step(args, int(size), neg, impl, peak, int(k))
           for size in args.sizes.split(",") for neg in args.negatives.split(",")
-          for impl in args.conv_impl.split(",")]
+          for impl in args.conv_impl.split(",") for k in args.steps_per_call.split(",")]
   keys = list(rows[0])
   print("| " + " | ".join(keys) + " |")
   print("|" + "---|" * len(keys))

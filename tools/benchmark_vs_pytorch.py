@@ -16,7 +16,10 @@ new-style Function that runs their own forward/backward methods, and
 ResNet-18 (no download; the arithmetic is the same).
 
 The cir_jax side is `tools/benchmark.py`'s compiled train step (TIRG, ResNet-18,
-soft triplet loss, `--conv_impl`). Same batch, image size and number of threads:
+soft triplet loss, `--conv_impl`), one call per step or, with `--steps_per_call K`,
+K steps per call as the trainer runs them with config.steps_per_call = K (each
+step on its own batch; a call's time / K is the step time, and `--steps` then
+counts calls). Same batch, image size and number of threads:
 each side runs in its own worker process pinned to the same `--threads` CPUs
 (`os.sched_setaffinity`), with `torch.set_num_threads` and XLA's
 `intra_op_parallelism_threads`. The parent alternates A/B/A/B: each round runs
@@ -67,6 +70,9 @@ def parse_args(argv=None):
   parser.add_argument("--steps", type=int, default=3, help="timed steps per side per round")
   parser.add_argument("--warmup", type=int, default=1, help="untimed steps per side per round")
   parser.add_argument("--conv_impl", default="auto", help="cir_jax conv lowering")
+  parser.add_argument("--steps_per_call", type=int, default=1,
+                      help="cir_jax train steps per compiled call (config.steps_per_call); "
+                           "each timed cir_jax call then runs this many steps")
   parser.add_argument("--image_encoder", default="resnet18",
                       help="cir_jax image encoder (google/tirg's is ResNet-18; others for tests)")
   parser.add_argument("--embed_dim", type=int, default=512,
@@ -243,13 +249,16 @@ def _jax_worker(args):
   import jax
   import jax.numpy as jnp
   import benchmark  # tools/benchmark.py
+  k = args.steps_per_call
   compiled, state, batches, compile_s, xla_flops, _, _ = benchmark.build_train_step(
       image_encoder=args.image_encoder, conv_impl=args.conv_impl, batch=args.batch,
-      image_size=args.size, devices=1, text_len=args.text_len, embed_dim=args.embed_dim)
+      image_size=args.size, devices=1, text_len=args.text_len, embed_dim=args.embed_dim,
+      steps_per_call=k)
   holder = {"state": state}
 
-  def step():
-    holder["state"], metrics = compiled(holder["state"], next(batches))
+  def step():  # one call: k steps, each on its own batch from the tf.data pipeline
+    inputs = next(batches) if k == 1 else tuple(next(batches) for _ in range(k))
+    holder["state"], metrics = compiled(holder["state"], inputs)
     jax.block_until_ready(metrics)
 
   a = jnp.ones((args.peak_n, args.peak_n), jnp.float32)
@@ -258,7 +267,7 @@ def _jax_worker(args):
   peak = _best_flops(lambda: matmul(a).block_until_ready(), args.peak_n)
   _emit({"peak_flops": peak, "xla_flops_per_step": xla_flops, "compile_s": compile_s,
          "version": jax.__version__})
-  _serve(step, args)
+  _serve(step, args, steps_per_call=k)
 
 
 def _best_flops(fn, n, repeats=5):
@@ -271,7 +280,9 @@ def _best_flops(fn, n, repeats=5):
   return 2 * n**3 / best
 
 
-def _serve(step, args):
+def _serve(step, args, steps_per_call=1):
+  """Answers each "run" with the per-step times of `args.steps` timed calls of `step`
+  (after `args.warmup` untimed ones); a call runs `steps_per_call` steps."""
   for line in sys.stdin:
     if line.strip() != "run":
       break
@@ -281,7 +292,7 @@ def _serve(step, args):
     for _ in range(args.steps):
       t = time.perf_counter()
       step()
-      times.append(time.perf_counter() - t)
+      times.append((time.perf_counter() - t) / steps_per_call)
     _emit({"times": times})
 
 
@@ -309,6 +320,7 @@ class Worker:
            "--tirg_dir", args.tirg_dir, "--batch", str(args.batch),
            "--threads", str(args.threads), "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--conv_impl", args.conv_impl,
+           "--steps_per_call", str(args.steps_per_call),
            "--image_encoder", args.image_encoder, "--embed_dim", str(args.embed_dim),
            "--text_len", str(args.text_len), "--peak_n", str(args.peak_n)]
     self.side = side
@@ -389,7 +401,8 @@ def main(argv=None):
     return None
   print(f"TIRG ResNet-18 train step, batch {args.batch}, {args.threads} threads, "
         f"{args.rounds} alternated rounds x {args.steps} timed steps (+{args.warmup} warm-up), "
-        f"cir_jax conv_impl={args.conv_impl}; load average "
+        f"cir_jax conv_impl={args.conv_impl}, {args.steps_per_call} step(s) per call; "
+        f"load average "
         f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
   results = [compare(args, int(s)) for s in args.sizes.split(",")]
   print("\n| image size | google/tirg ex/s min/med/max | cir_jax ex/s min/med/max | "
