@@ -132,34 +132,31 @@ def _scanned(step, k: int, host_batches: bool):
   return steps
 
 
-def call_sizes(start: int, num_steps: int, steps_per_call: int):
+def call_sizes(start: int, num_steps: int, steps_per_call: int, intervals=()):
   """How many steps each call runs, from step `start` (done) to `num_steps`.
 
-  Calls of steps_per_call steps cover every whole block (k * steps_per_call,
-  (k + 1) * steps_per_call]; steps before the first block boundary (a run resumed
-  from a step that is not a multiple, e.g. saved when preempted) and after the
-  last one (num_steps not a multiple) run one per call. So a call always ends on
-  a multiple of steps_per_call or in those margins, and logging, checkpoint and
-  evaluation steps (multiples of it, `check_steps_per_call`) end a call.
+  A call of steps_per_call = K steps covers a block (n K, (n + 1) K] in which no
+  step but the last is a multiple of an interval in `intervals` (logging,
+  checkpoint, evaluation: the trainer needs the state, or that step's metrics,
+  between calls there); every other step runs alone. So each logged, saved or
+  evaluated step ends a call, a run resumed off a multiple of K (a checkpoint
+  saved when preempted) runs single steps up to the next one, and with intervals
+  that are multiples of K every full block is one call.
   """
   step, k = start, steps_per_call
   while step < num_steps:
-    size = k if step % k == 0 and step + k <= num_steps else 1
+    fits = (step % k == 0 and step + k <= num_steps and
+            not any(j % i == 0 for i in intervals for j in range(step + 1, step + k)))
+    size = k if fits else 1
     yield size
     step += size
 
 
 def check_steps_per_call(config):
-  """ValueError unless log, checkpoint and eval intervals are multiples of steps_per_call."""
+  """ValueError unless config.steps_per_call is an integer >= 1."""
   k = config.get("steps_per_call", 1)
   if not isinstance(k, int) or k < 1:
     raise ValueError(f"steps_per_call={k!r} must be an integer >= 1")
-  for field in ("log_every_steps", "checkpoint_every_steps", "eval_every_steps"):
-    if config[field] % k:
-      raise ValueError(
-          f"{field}={config[field]} is not a multiple of steps_per_call={k}: logging, "
-          f"checkpoints and evaluation happen between calls of {k} steps; make {field} a "
-          f"multiple of {k} or lower steps_per_call")
 
 
 def _inputs(train_data, start: int):
@@ -237,7 +234,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   stop = preemption.StopRequest(config.preemption_sync_every_steps)
   step = start
   with stop:
-    for k in call_sizes(start, config.num_train_steps, steps_per_call):
+    intervals = (config.log_every_steps, config.checkpoint_every_steps, config.eval_every_steps)
+    sizes = list(call_sizes(start, config.num_train_steps, steps_per_call, intervals))
+    if steps_per_call > 1:
+      blocks = sum(size for size in sizes if size == steps_per_call)
+      log(f"{steps_per_call} steps per call: {blocks} of the {sum(sizes)} steps to run; the "
+          f"others one per call (logging, checkpoint and eval steps end a call)")
+    for k in sizes:
       state, metrics = train_step(k)(state, next_inputs(k))
       first, step = step == start, step + k
       last = step == config.num_train_steps

@@ -39,7 +39,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_every_steps = 1000    # also evaluated at the end
   c.checkpoint_every_steps = 500
   # Train steps per compiled call (a lax.scan of the same steps; cir_jax/train.py). K > 1 saves
-  # XLA:CPU's per-execution buffer mapping; log/checkpoint/eval intervals must be multiples of K.
+  # XLA:CPU's per-execution buffer mapping; keep log/checkpoint/eval intervals multiples of K
+  # (steps in a block that such a step falls inside run one per call).
   c.steps_per_call = 1
   c.keep_checkpoints = 3
   c.preemption_sync_every_steps = 10  # multi-process: steps between agreeing to stop on SIGTERM

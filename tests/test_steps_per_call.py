@@ -78,31 +78,30 @@ def test_a_call_of_k_steps_takes_k_host_batches():
     step(exp.state, tuple(next(data.batches(0)) for _ in range(2)))
 
 
-@pytest.mark.parametrize("start,num_steps,k,expected", [
-    (0, 12, 4, [4, 4, 4]),
-    (0, 10, 4, [4, 4, 1, 1]),          # the tail one step per call
-    (2, 12, 4, [1, 1, 4, 4]),          # resumed off a multiple: single steps up to one
-    (5, 6, 4, [1]),
-    (3, 9, 4, [1, 4, 1]),
-    (7, 7, 4, []),                     # nothing left
-    (0, 5, 1, [1] * 5),
+@pytest.mark.parametrize("start,num_steps,k,intervals,expected", [
+    (0, 12, 4, (4, 8), [4, 4, 4]),
+    (0, 10, 4, (), [4, 4, 1, 1]),          # the tail one step per call
+    (2, 12, 4, (), [1, 1, 4, 4]),          # resumed off a multiple: single steps up to one
+    (5, 6, 4, (), [1]),
+    (3, 9, 4, (), [1, 4, 1]),
+    (7, 7, 4, (), []),                     # nothing left
+    (0, 5, 1, (2,), [1] * 5),
+    (0, 16, 4, (6,), [4, 1, 1, 1, 1, 4, 4]),  # 6 and 12 fall inside blocks: singles there
+    (0, 8, 4, (1,), [1] * 8),              # logging every step: every call one step
 ])
-def test_call_sizes_cover_every_step_once_and_align_blocks(start, num_steps, k, expected):
-  sizes = list(train.call_sizes(start, num_steps, k))
+def test_call_sizes_cover_every_step_once_and_end_a_call_on_every_interval(
+    start, num_steps, k, intervals, expected):
+  sizes = list(train.call_sizes(start, num_steps, k, intervals))
   assert sizes == expected
   ends = np.cumsum([start] + sizes)[1:]
   assert all(end % k == 0 for end, size in zip(ends, sizes) if size == k)
+  multiples = {j for i in intervals for j in range(i, num_steps + 1, i) if j > start}
+  assert multiples <= set(ends.tolist())
 
 
-@pytest.mark.parametrize("field", ["log_every_steps", "checkpoint_every_steps",
-                                   "eval_every_steps"])
-def test_intervals_must_be_multiples_of_steps_per_call(field):
-  config = fakes.tiny_config(**{"steps_per_call": 4, "log_every_steps": 8,
-                                "checkpoint_every_steps": 8, "eval_every_steps": 8})
+def test_steps_per_call_must_be_a_positive_integer():
+  config = fakes.tiny_config(steps_per_call=4)
   train.check_steps_per_call(config)
-  config[field] = 6
-  with pytest.raises(ValueError, match=f"{field}=6 is not a multiple of steps_per_call=4"):
-    train.check_steps_per_call(config)
   config.steps_per_call = 0
   with pytest.raises(ValueError, match="steps_per_call=0 must be an integer >= 1"):
     train.check_steps_per_call(config)
