@@ -238,8 +238,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     sizes = list(call_sizes(start, config.num_train_steps, steps_per_call, intervals))
     if steps_per_call > 1:
       blocks = sum(size for size in sizes if size == steps_per_call)
-      log(f"{steps_per_call} steps per call: {blocks} of the {sum(sizes)} steps to run; the "
-          f"others one per call (logging, checkpoint and eval steps end a call)")
+      rest = sum(sizes) - blocks
+      log(f"{steps_per_call} steps per call: {blocks} of the {sum(sizes)} steps to run"
+          + (f"; {rest} one per call (logging, checkpoint and eval steps end a call)"
+             if rest else ""))
     for k in sizes:
       state, metrics = train_step(k)(state, next_inputs(k))
       first, step = step == start, step + k
