@@ -113,7 +113,7 @@ def test_processes_agree_to_stop_when_a_call_crosses_a_sync_step(monkeypatch):
   monkeypatch.setattr(preemption.multihost_utils, "process_allgather",
                       lambda flag: gathered.append(int(flag)) or np.array([flag, 0]))
   stop = preemption.StopRequest(sync_every=10)
-  # Calls of 4 steps end at 4, 8, 12, ...: steps 10 and 20 fall inside the calls ending at 12 and 20.
+  # Calls of 4 steps end at 4, 8, ..., 24: those ending at 12 and 20 reach sync steps 10 and 20.
   answers = {step: stop.requested(step, steps_done=4) for step in range(4, 25, 4)}
   assert not any(answers.values()) and len(gathered) == 2
   stop.received = 15

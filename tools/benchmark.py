@@ -187,7 +187,8 @@ def build_train_step(composer="tirg", image_encoder="resnet18", dtype="float32",
   data = pipeline.TrainPipeline(split, vocab, text_len, batch, mesh, 0, image_size)
   exp = experiment.build(config, mesh, vocab)
   batches = data.batches(0)
-  step = train.make_train_step(exp.model, exp.tx, config.loss, mesh, steps_per_call=steps_per_call)
+  step = train.make_train_step(exp.model, exp.tx, config.loss, mesh,
+                               steps_per_call=steps_per_call)
   example = next(batches)
   t = time.perf_counter()
   compiled = step.lower(exp.state, example if steps_per_call == 1 else
@@ -217,7 +218,8 @@ def bench_train_step(args, image_size: int, negatives: str, conv_impl: str, peak
   # peak, while accelerators each add their own.
   machine_peak = peak if jax.default_backend() == "cpu" else peak * mesh.size
   return {"setting": f"{args.composer}/{args.image_encoder} {image_size}px b{args.batch} "
-                     f"{args.dtype} {negatives} conv={conv_impl} x{mesh.size}dev K={steps_per_call}",
+                     f"{args.dtype} {negatives} conv={conv_impl} x{mesh.size}dev "
+                     f"K={steps_per_call}",
           "examples/s": r["examples/s"], "step ms": r["step ms"], "compile s": r["compile s"],
           "GFLOP/step": r["flops"] / 1e9,
           "% of peak": 100 * r["flops"] / (r["step ms"] / 1e3) / machine_peak,
