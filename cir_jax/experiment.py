@@ -132,8 +132,12 @@ def params_shapes(model, example: dict) -> Any:
 
 
 def check_config(config):
-  """Config errors that need no data: the loss name and options the loss reads."""
+  """Config errors that need no data: the loss name and options the loss reads,
+  steps_per_call."""
   losses.get_loss_fn(config.loss)
+  steps_per_call = config.get("steps_per_call", 1)
+  if not isinstance(steps_per_call, int) or steps_per_call < 1:
+    raise ValueError(f"steps_per_call={steps_per_call!r} must be an integer >= 1")
   if config.loss.get("set_negatives", 0) and config.loss.name != "soft_triplet":
     raise ValueError(f"loss.set_negatives={config.loss.set_negatives} is read only by the "
                      f"soft_triplet loss, not by loss.name={config.loss.name!r}")

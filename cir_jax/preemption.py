@@ -1,9 +1,10 @@
 """Stop training cleanly on SIGTERM / SIGINT (preemption, Ctrl-C).
 
 The handler only sets a flag; the training loop polls `requested(step)` after
-each call of the train step (one step, or `steps_per_call` steps), saves a checkpoint of the step it just finished and returns. Doing
-nothing else inside the handler matters: it runs between two Python bytecodes
-of the main thread, possibly in the middle of a print or of an Orbax save.
+each call of the train step (one step, or `steps_per_call` steps), saves a
+checkpoint of the step it just finished and returns. Doing nothing else inside
+the handler matters: it runs between two Python bytecodes of the main thread,
+possibly in the middle of a print or of an Orbax save.
 
 Multi-process runs: a scheduler usually signals every process, but not at the
 same instant, and a process that stops alone would leave the others waiting in
@@ -11,8 +12,8 @@ a collective forever. So with several processes the flags are combined with
 one tiny all-gather after each call that reaches a multiple of `sync_every`
 steps, and all processes stop at the same (synchronised) step; between those
 steps a signal is only remembered. The latency of a stop is therefore up to
-`sync_every` steps (or one call, if that is longer); keep it well
-inside the scheduler's grace period. One process alone checks after every call.
+`sync_every` steps (or one call, if that is longer); keep it well inside the
+scheduler's grace period. One process alone checks after every call.
 
 A second signal while the first is pending raises KeyboardInterrupt (stop now,
 without saving), so a stuck run can still be interrupted.

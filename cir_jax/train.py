@@ -152,22 +152,19 @@ def call_sizes(start: int, num_steps: int, steps_per_call: int, intervals=()):
     step += size
 
 
-def check_steps_per_call(config):
-  """ValueError unless config.steps_per_call is an integer >= 1."""
-  k = config.get("steps_per_call", 1)
-  if not isinstance(k, int) or k < 1:
-    raise ValueError(f"steps_per_call={k!r} must be an integer >= 1")
+def call_inputs(batches, k: int):
+  """The host inputs of one call of k steps from the iterator `batches`: its next
+  batch for k = 1, else a tuple of its next k (what make_train_step's scan takes)."""
+  return next(batches) if k == 1 else tuple(next(batches) for _ in range(k))
 
 
 def _inputs(train_data, start: int):
-  """next_inputs(k): what a call of k steps takes: k host batches (one, unwrapped,
-  for k = 1), or the same device-resident tables."""
+  """(next_inputs(k), close()): what a call of k steps takes, host batches
+  (`call_inputs`) or the same device-resident tables; close stops the pipeline."""
   if isinstance(train_data, IN_STEP_DATA):
     return lambda k: train_data.tables, lambda: None
   batches = train_data.batches(start)
-  def next_inputs(k):
-    return next(batches) if k == 1 else tuple(next(batches) for _ in range(k))
-  return next_inputs, batches.close
+  return lambda k: call_inputs(batches, k), batches.close
 
 
 def _last_step(metrics, k: int):
@@ -198,7 +195,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     {'preempted': True, 'step', 'signal'} if a signal stopped training.
   """
   experiment_lib.check_config(config)  # a bad name fails before any file is written
-  check_steps_per_call(config)
   workdir = workdir_lib.check_workdir(workdir, create=True)
   log = log_lib.Logger(workdir)
   experiment, train_data = experiment_lib.setup_training(config, workdir, log)

@@ -42,11 +42,7 @@ def _train(config, split, devices, schedule, on_device=False):
   for k in schedule:
     step = train.make_train_step(exp.model, exp.tx, config.loss, mesh,
                                  data=data if on_device else None, steps_per_call=k)
-    if on_device:
-      inputs = data.tables
-    else:
-      inputs = next(batches) if k == 1 else tuple(next(batches) for _ in range(k))
-    state, metrics = step(state, inputs)
+    state, metrics = step(state, data.tables if on_device else train.call_inputs(batches, k))
     losses.extend(np.atleast_1d(jax.device_get(metrics["loss"])).tolist())
     if k > 1:
       assert np.shape(metrics["batch_R@1"]) == (k,)
@@ -101,10 +97,10 @@ def test_call_sizes_cover_every_step_once_and_end_a_call_on_every_interval(
 
 def test_steps_per_call_must_be_a_positive_integer():
   config = fakes.tiny_config(steps_per_call=4)
-  train.check_steps_per_call(config)
+  experiment.check_config(config)
   config.steps_per_call = 0
   with pytest.raises(ValueError, match="steps_per_call=0 must be an integer >= 1"):
-    train.check_steps_per_call(config)
+    experiment.check_config(config)
 
 
 def test_processes_agree_to_stop_when_a_call_crosses_a_sync_step(monkeypatch):

@@ -256,6 +256,7 @@ def _jax_worker(args):
   import jax
   import jax.numpy as jnp
   import benchmark  # tools/benchmark.py
+  from cir_jax import train
   k = args.steps_per_call
   compiled, state, batches, compile_s, xla_flops, _, _ = benchmark.build_train_step(
       image_encoder=args.image_encoder, conv_impl=args.conv_impl, batch=args.batch,
@@ -265,8 +266,7 @@ def _jax_worker(args):
 
   # Batches from the tf.data pipeline, made before timing as on the torch side: one
   # call takes k of them, each step its own.
-  ready = itertools.cycle([next(batches) if k == 1 else tuple(next(batches) for _ in range(k))
-                           for _ in range(4 if k == 1 else 2)])
+  ready = itertools.cycle([train.call_inputs(batches, k) for _ in range(4 if k == 1 else 2)])
 
   def step():
     holder["state"], metrics = compiled(holder["state"], next(ready))
