@@ -160,12 +160,14 @@ def test_conv_layers_are_resnet18s_and_flops_hand_worked():
   import benchmark_conv_layers as layers  # pylint: disable=g-import-not-at-top
   convs = layers.resnet18_convs(224)
   assert [(name, hw) for name, *_, hw in convs] == [
-      ("stem 7x7/2", 224), ("stage0 3x3", 56), ("stage1 3x3/2", 56), ("stage1 3x3", 28),
-      ("stage2 3x3/2", 28), ("stage2 3x3", 14), ("stage3 3x3/2", 14), ("stage3 3x3", 7)]
-  assert [hw for *_, hw in layers.resnet18_convs(64)] == [64, 16, 16, 8, 8, 4, 4, 2]
+      ("stem 7x7/2", 224), ("stage0 3x3", 56), ("stage1 3x3/2", 56), ("stage1 1x1/2", 56),
+      ("stage1 3x3", 28), ("stage2 3x3/2", 28), ("stage2 1x1/2", 28), ("stage2 3x3", 14),
+      ("stage3 3x3/2", 14), ("stage3 1x1/2", 14), ("stage3 3x3", 7)]
+  assert [hw for *_, hw in layers.resnet18_convs(64)] == [64, 16, 16, 16, 8, 8, 8, 4, 4, 4, 2]
   # stem at 224: 112 x 112 outputs x 7 x 7 x 3 x 64 MACs per image.
   assert layers.conv_flops(32, 3, 64, 7, 2, 224) == 2 * 32 * 112 * 112 * 7 * 7 * 3 * 64
   assert layers.conv_flops(1, 64, 128, 3, 2, 56) == 2 * 28 * 28 * 9 * 64 * 128
+  assert layers.conv_flops(1, 64, 128, 1, 2, 56) == 2 * 28 * 28 * 64 * 128   # the shortcut
 
 
 def test_conv_layers_end_to_end_and_restores_the_cpu_affinity(capsys):

@@ -189,6 +189,9 @@ def _fused_computations(hlo_text):
     (8, 1, (2, 2), ((0, 0), (0, 0))),     # 1x1 / 2 shortcut
     (16, 7, (2, 2), ((3, 3), (3, 3))),    # the 7x7 / 2 stem
     (9, 3, (1, 2), ((1, 1), (0, 1))),     # mixed strides, asymmetric padding
+    (9, 3, (2, 2), ((3, 2), (2, 3))),     # padding wider than the kernel: some phases crop g
+    (11, 5, (3, 3), ((2, 2), (2, 2))),    # stride 3: nine phases
+    (7, 2, (2, 2), ((0, 0), (0, 0))),     # even kernel, odd input
 ])
 def test_native_conv_cpu_equals_xla_conv_and_its_gradients(size, k, strides, padding):
   rng = np.random.default_rng(0)

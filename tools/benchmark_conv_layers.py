@@ -5,14 +5,15 @@
 Where `tools/benchmark_vs_pytorch.py` says how far apart the two train steps
 are, this says which convolutions make the difference. For every distinct
 convolution of the TIRG ResNet-18 at `--size` px (the stem, the first and the
-repeated 3x3 of each stage) it times, on the same `--threads` CPUs in one
-process, alternating the frameworks each round:
+repeated 3x3 of each stage, the 1x1 / 2 shortcuts) it times, on the same
+`--threads` CPUs in one process, alternating the frameworks each round:
 
   fwd    y = conv(x, w)
   bwd    dx and dw from dy (dw only for the stem: nothing differentiates pixels),
          PyTorch's `autograd.grad` re-run on a kept graph vs `jax.vjp` of the
          lowering cir_jax's model uses for this layer (`conv.layer_impl` of
-         `--conv_impl`, 'auto' by default)
+         `--conv_impl`, 'auto' by default; `conv.convolve`, so on CPU the
+         native convolutions' gradients are `conv.native_conv_cpu`'s)
   dgrad, wgrad   the two halves of bwd, cir_jax only
 
 compiled as cir_jax's train step compiles (`--xla_options train`: convolutions
@@ -41,6 +42,7 @@ def resnet18_convs(size: int):
   for stage, width in enumerate((64, 128, 256, 512)):
     if stage > 0:
       layers.append((f"stage{stage} 3x3/2", channels, width, 3, 2, hw))
+      layers.append((f"stage{stage} 1x1/2", channels, width, 1, 2, hw))   # the shortcut
       hw = (hw + 1) // 2
     layers.append((f"stage{stage} 3x3", width, width, 3, 1, hw))
     channels = width
@@ -60,11 +62,8 @@ def _jax_layer(conv_lib, jax, jnp, c_in, c_out, kernel, stride, hw, batch, conv_
   impl = conv_lib.layer_impl(conv_lib.resolve_conv_impl(conv_impl, image_px), (hw, hw),
                              (kernel, kernel), (stride, stride), padding)
 
-  def conv(x, w):
-    if impl == "matmul":
-      return conv_lib.conv_as_matmul(x, w, (stride, stride), padding)
-    return jax.lax.conv_general_dilated(x, w, (stride, stride), padding,
-                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  def conv(x, w):   # what the model's Conv runs for this layer, gradients included
+    return conv_lib.convolve(x, w, (stride, stride), padding, impl)
 
   key = jax.random.PRNGKey(0)
   x = jax.random.normal(key, (batch, hw, hw, c_in), jnp.float32)

@@ -130,19 +130,20 @@ def _native_conv_cpu_bwd(strides, padding, residuals, g):
   transposed convolutions of autodiff (dims f01b_i01o, kernel 01oi) by adding
   transposes, but not inside while-loop bodies, where they then run ~150x slower
   (a train step under `lax.scan`, 2026-12-05); spelled out here, they are the same
-  fast Eigen convolutions everywhere.
+  fast Eigen convolutions everywhere. A strided convolution's input gradient is
+  computed by output phase (`_strided_input_grad`).
   """
   x, kernel = residuals
   kh, kw = kernel.shape[:2]
   (pt, _), (pl, _) = padding
   (h, w), (h_out, w_out) = x.shape[1:3], g.shape[1:3]
-  # dL/dx: g, dilated by the strides, against the flipped kernel with C_in and C_out swapped.
-  flipped = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)      # [kh, kw, C_out, C_in]
-  before_h, before_w = kh - 1 - pt, kw - 1 - pl
-  after_h = h + kh - 1 - ((h_out - 1) * strides[0] + 1) - before_h
-  after_w = w + kw - 1 - ((w_out - 1) * strides[1] + 1) - before_w
-  dx = _native_conv(g, flipped, (1, 1), ((before_h, after_h), (before_w, after_w)),
-                    lhs_dilation=strides)
+  if tuple(strides) == (1, 1):
+    # dL/dx: g against the flipped kernel with C_in and C_out swapped.
+    flipped = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)      # [kh, kw, C_out, C_in]
+    dx = _native_conv(g, flipped, (1, 1), ((kh - 1 - pt, h - h_out + pt),
+                                           (kw - 1 - pl, w - w_out + pl)))
+  else:
+    dx = _strided_input_grad(g, kernel, (h, w), strides, (pt, pl))
   # dL/dkernel: x as [C_in, H, W, B] against g as [H_out, W_out, B, C_out], dilated by the strides.
   stored = _materialized(x, kernel.reshape(-1)[0])
   after_h = kh - h - pt + (h_out - 1) * strides[0]
@@ -155,6 +156,58 @@ def _native_conv_cpu_bwd(strides, padding, residuals, g):
 native_conv_cpu.defvjp(_native_conv_cpu_fwd, _native_conv_cpu_bwd)
 
 
+def _phase_taps(phase: int, stride: int, pad_before: int, kernel_len: int, phase_len: int,
+                g_len: int):
+  """(first tap, number of taps, g padding before, after) of one output phase, one axis.
+
+  Input rows p = q * stride + phase receive g[o] * kernel[i] for o * stride + i - pad_before = p:
+  the taps i = first, first + stride, ... and o = q + (phase + pad_before) // stride - m for the
+  m-th of them, a stride-1 correlation of g with those taps reversed.
+  """
+  first = (phase + pad_before) % stride
+  taps = len(range(first, kernel_len, stride))
+  before = taps - 1 - (phase + pad_before) // stride
+  return first, taps, before, phase_len + taps - 1 - g_len - before
+
+
+def _strided_input_grad(g, kernel, x_hw, strides, pads_before):
+  """dL/dx [B, H, W, C_in] of a strided convolution from g [B, H_out, W_out, C_out].
+
+  The transposed convolution split by output phase: rows and columns of x with the
+  same remainder modulo the strides see a fixed subset of the kernel's taps, so each
+  of the s_h * s_w phases is a stride-1 convolution of g with those taps, and the
+  phases interleave into x's grid. Same values as convolving g dilated by the strides
+  (autodiff's form), without its multiplications by the inserted zeros: XLA:CPU's
+  Eigen convolution pays for them (ResNet-18's 56x56x64 3x3/2 input gradient, batch
+  32, 2 cores: 61.6 -> 23.8 ms, docs/benchmarks.md).
+  """
+  (h, w), (sh, sw), (pt, pl) = x_hw, strides, pads_before
+  kh, kw, c_in, _ = kernel.shape
+  qh, qw = -(-h // sh), -(-w // sw)       # rows / columns per phase (the last may overhang x)
+  rows = []
+  for a in range(sh):
+    first_h, taps_h, before_h, after_h = _phase_taps(a, sh, pt, kh, qh, g.shape[1])
+    cols = []
+    for b in range(sw):
+      first_w, taps_w, before_w, after_w = _phase_taps(b, sw, pl, kw, qw, g.shape[2])
+      if not taps_h or not taps_w:        # no tap reaches this phase (a 1x1 / 2 shortcut)
+        cols.append(jnp.zeros((g.shape[0], qh, qw, c_in), g.dtype))
+        continue
+      sub = jnp.flip(kernel[first_h::sh, first_w::sw], (0, 1)).transpose(0, 1, 3, 2)
+      cols.append(_native_conv(_crop(g, before_h, after_h, before_w, after_w), sub, (1, 1),
+                               ((max(before_h, 0), max(after_h, 0)),
+                                (max(before_w, 0), max(after_w, 0)))))
+    rows.append(jnp.stack(cols, axis=3))  # [B, qh, qw, sw, C_in]
+  dx = jnp.stack(rows, axis=2)            # [B, qh, sh, qw, sw, C_in]
+  return dx.reshape(g.shape[0], qh * sh, qw * sw, c_in)[:, :h, :w]
+
+
+def _crop(g, before_h, after_h, before_w, after_w):
+  """g [B, H, W, C] without the rows / columns a negative padding removes."""
+  return g[:, max(-before_h, 0):g.shape[1] - max(-after_h, 0),
+           max(-before_w, 0):g.shape[2] - max(-after_w, 0)]
+
+
 def _materialized(x, probe):
   """x, as a tensor XLA cannot fuse into its consumers (it reads the stored buffer).
 
@@ -165,6 +218,17 @@ def _materialized(x, probe):
   which a NaN weight gives the gradients anyway.
   """
   return jax.lax.cond(probe == probe, lambda v: v, lambda v: v * probe, x)
+
+
+def convolve(x, kernel, strides: Sequence[int], padding, impl: str):
+  """y [B, H_out, W_out, C_out] = x [B, H, W, C_in] * kernel [kh, kw, C_in, C_out] with one
+  layer's lowering (`layer_impl`): the im2col matmul, `native_conv_cpu` on CPU, else XLA's
+  convolution. `padding`: ((top, bottom), (left, right))."""
+  if impl == "matmul":
+    return conv_as_matmul(x, kernel, strides, padding)
+  if jax.default_backend() == "cpu":
+    return native_conv_cpu(x, kernel, tuple(strides), padding)
+  return _native_conv(x, kernel, tuple(strides), padding)
 
 
 def _explicit_padding(padding, kernel_size):
@@ -197,13 +261,7 @@ class Conv(nn.Module):
     padding = _explicit_padding(self.padding, self.kernel_size)
     kernel = self.param("kernel", nn.initializers.lecun_normal(),
                         tuple(self.kernel_size) + (x.shape[-1], self.features), self.param_dtype)
-    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-    if impl == "matmul":
-      y = conv_as_matmul(x, kernel, self.strides, padding)
-    elif jax.default_backend() == "cpu":
-      y = native_conv_cpu(x, kernel, tuple(self.strides), padding)
-    else:
-      y = _native_conv(x, kernel, tuple(self.strides), padding)
+    y = convolve(x.astype(self.dtype), kernel.astype(self.dtype), self.strides, padding, impl)
     if self.use_bias:
       y = y + self.param("bias", nn.initializers.zeros, (self.features,),
                          self.param_dtype).astype(self.dtype)
