@@ -42,8 +42,9 @@ def layer_impl(conv_impl: str, input_hw: Sequence[int], kernel_size: Sequence[in
   step's Eigen convolutions (cir_jax/xla_cpu.py), on 4x4 outputs too (4x4x256:
   17.5 vs 20.1 ms, one core; the TIRG step at 64 px 464 -> 450 ms); it
   collapses on 2x2 outputs with many channels (2x2x512: 546 vs 14 ms; 4x4x256
-  -> 2x2x512 stride 2: 135 vs 6.4 ms, the input gradient); 1x1 projections are
-  no slower as matmuls. The 7x7 stem is
+  -> 2x2x512 stride 2: 135 vs 6.4 ms, the input gradient, before that gradient was
+  computed by output phase: since, 8.9 vs 10.7 ms for the layer's backward, one core,
+  2026-12-06, not yet re-tuned here); 1x1 projections are no slower as matmuls. The 7x7 stem is
   native: nothing differentiates the pixels, and without the input gradient
   XLA's conv runs the stem's forward + weight gradient 3x faster than im2col
   (64 px, batch 32: 18.7 vs 56.8 CPU ms; the TIRG step -6% CPU, 2026-12-04).
