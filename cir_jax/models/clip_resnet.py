@@ -30,6 +30,7 @@ from typing import Any, Callable, Optional, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from cir_jax.models import batch_norm
 from cir_jax.models import clip
 from cir_jax.models import conv as conv_lib
 
@@ -48,8 +49,8 @@ def _conv_bn(x, features, kernel, conv_name, bn_name, train, dtype, conv_impl, s
                     use_bias=False, dtype=dtype, param_dtype=jnp.float32, conv_impl=conv_impl,
                     name=conv_name)(x)
   # torch momentum 0.1 == flax momentum 0.9; eps as torch's BatchNorm2d.
-  x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype,
-                   param_dtype=jnp.float32, name=bn_name)(x)
+  x = batch_norm.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                           dtype=dtype, param_dtype=jnp.float32, name=bn_name)(x)
   return nn.relu(x) if activation else x
 
 

@@ -26,6 +26,7 @@ from typing import Any, Callable, Optional, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from cir_jax.models import batch_norm  # x * a + c: no centred copy of x for autodiff
 from cir_jax.models import conv as conv_lib  # CPU-fast lowering, same params as nn.Conv
 
 
@@ -48,9 +49,9 @@ class ConvLayer(nn.Module):
                       param_dtype=jnp.float32, conv_impl=self.conv_impl, name="convolution")(x)
     # torch momentum 0.1 == flax momentum 0.9; eps as torch's BatchNorm2d.
     scale_init = nn.initializers.zeros if self.zero_scale else nn.initializers.ones
-    x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                     dtype=self.dtype, param_dtype=jnp.float32, scale_init=scale_init,
-                     name="normalization")(x)
+    x = batch_norm.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                              dtype=self.dtype, param_dtype=jnp.float32, scale_init=scale_init,
+                              name="normalization")(x)
     return nn.relu(x) if self.activation else x
 
 
