@@ -151,16 +151,18 @@ def _native_conv_cpu_bwd(strides, padding, residuals, g):
     # batch 32, 2 cores.) A negative padding after crops the rows no output reads. The pixels
     # come from the stored x (`_materialized`): fused, the copy in front of the dot recomputed
     # whole residual blocks' BatchNorm-ReLU-add chains (224 px: 46 -> 18 ms per 56x56 shortcut).
-    read = jax.lax.pad(_materialized(x, kernel.reshape(-1)[0]), jnp.zeros((), x.dtype),
-                       ((0, 0, 0), (pt, (h_out - 1) * strides[0] + 1 - h - pt, 0),
-                        (pl, (w_out - 1) * strides[1] + 1 - w - pl, 0), (0, 0, 0)))
-    read = read[:, ::strides[0], ::strides[1]]                    # [B, H_out, W_out, C_in]
+    def pixels_read(v):                                           # [B, H_out, W_out, C_in]
+      v = jax.lax.pad(v, jnp.zeros((), v.dtype),
+                      ((0, 0, 0), (pt, (h_out - 1) * strides[0] + 1 - h - pt, 0),
+                       (pl, (w_out - 1) * strides[1] + 1 - w - pl, 0), (0, 0, 0)))
+      return v[:, ::strides[0], ::strides[1]]
+    read = _materialized(x, kernel.reshape(-1)[0], pixels_read)
     return dx, jnp.einsum("bhwc,bhwo->co", read, g)[None, None]
   # dL/dkernel: x as [C_in, H, W, B] against g as [H_out, W_out, B, C_out], dilated by the strides.
-  stored = _materialized(x, kernel.reshape(-1)[0])
+  x_t = _materialized(x, kernel.reshape(-1)[0], lambda v: jnp.transpose(v, (3, 1, 2, 0)))
   after_h = kh - h - pt + (h_out - 1) * strides[0]
   after_w = kw - w - pl + (w_out - 1) * strides[1]
-  dk = _native_conv(jnp.transpose(stored, (3, 1, 2, 0)), jnp.transpose(g, (1, 2, 0, 3)),
+  dk = _native_conv(x_t, jnp.transpose(g, (1, 2, 0, 3)),
                     (1, 1), ((pt, after_h), (pl, after_w)), rhs_dilation=strides)  # [C_in, kh, kw, C_out]
   return dx, jnp.transpose(dk, (1, 2, 0, 3))
 
@@ -220,16 +222,17 @@ def _crop(g, before_h, after_h, before_w, after_w):
            max(-before_w, 0):g.shape[2] - max(-after_w, 0)]
 
 
-def _materialized(x, probe):
-  """x, as a tensor XLA cannot fuse into its consumers (it reads the stored buffer).
+def _materialized(x, probe, fn=lambda v: v):
+  """fn(x) computed from the stored x: XLA cannot fuse x's producers into it.
 
   XLA:CPU drops optimization barriers before fusion, but not a conditional whose
   predicate it cannot evaluate at compile time and whose branches differ. The
   predicate `probe == probe` (probe: one kernel entry, replicated on every device,
-  so no communication) is false only for a NaN probe; that branch returns x * NaN,
-  which a NaN weight gives the gradients anyway.
+  so no communication) is false only for a NaN probe; that branch returns
+  fn(x * NaN), which a NaN weight gives the gradients anyway. `fn` (a transpose,
+  a strided read) runs inside the branch, so x is read once, not copied first.
   """
-  return jax.lax.cond(probe == probe, lambda v: v, lambda v: v * probe, x)
+  return jax.lax.cond(probe == probe, fn, lambda v: fn(v * probe), x)
 
 
 def convolve(x, kernel, strides: Sequence[int], padding, impl: str):
