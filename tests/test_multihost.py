@@ -114,12 +114,17 @@ def test_two_processes_equal_one_process(tmp_path, steps_per_call):
   assert sorted(got) == [1, 2, 3, 4][steps_per_call - 1::steps_per_call]
   if steps_per_call > 1:
     assert "2 steps per call: 4 of the 4 steps to run" in (multi / "log.txt").read_text()
-  # The cross-process all-reduce (gloo) sums in another order than the in-process one:
-  # after three Adam steps the gradient norm differs by ~2e-5 (relative); a wrong
-  # slice, scale or collective differs by orders of magnitude more.
+  # The cross-process all-reduce (gloo) sums in another order than the in-process one.
+  # Over the first two steps that moves loss and gradient norm by < 1e-5 (relative); a
+  # wrong slice, scale or collective moves them by orders of magnitude more. Later the
+  # step amplifies rounding (BatchNorm over 8 examples, Adam's sign-like update of
+  # near-zero gradients): on a 2-core AMD EPYC VM, 2026-12-06, step 4's loss differed by
+  # 1.0-1.2e-4 and its gradient norm by up to 1.2e-3 while the parameter norms agreed to
+  # 1e-7, with nn.BatchNorm as with cir_jax's, so later steps get a looser tolerance.
   for step in got:
     for key in ("loss", "grad_norm", "param_norm", "batch_R@1", "batch_R@5"):
-      np.testing.assert_allclose(got[step][key], want[step][key], rtol=1e-4, atol=1e-5,
+      rtol = 1e-4 if step <= 2 or key not in ("loss", "grad_norm") else 1e-2
+      np.testing.assert_allclose(got[step][key], want[step][key], rtol=rtol, atol=1e-5,
                                  err_msg=f"step {step} {key}")
   assert len({round(r["loss"], 5) for r in want.values()}) == 4  # training really moved
 
