@@ -118,7 +118,7 @@ def test_two_processes_equal_one_process(tmp_path, steps_per_call):
   # Over the first two steps that moves loss and gradient norm by < 1e-5 (relative); a
   # wrong slice, scale or collective moves them by orders of magnitude more. Later the
   # step amplifies rounding (BatchNorm over 8 examples, Adam's sign-like update of
-  # near-zero gradients): on a 2-core AMD EPYC VM, 2026-12-06, step 4's loss differed by
+  # near-zero gradients): on a 2-core Intel Xeon VM, 2026-12-06, step 4's loss differed by
   # 1.0-1.2e-4 and its gradient norm by up to 1.2e-3 while the parameter norms agreed to
   # 1e-7, with nn.BatchNorm as with cir_jax's, so later steps get a looser tolerance.
   for step in got:

@@ -222,7 +222,7 @@ def _crop(g, before_h, after_h, before_w, after_w):
            max(-before_w, 0):g.shape[2] - max(-after_w, 0)]
 
 
-def _materialized(x, probe, fn=lambda v: v):
+def _materialized(x, probe, fn):
   """fn(x) computed from the stored x: XLA cannot fuse x's producers into it.
 
   XLA:CPU drops optimization barriers before fusion, but not a conditional whose
